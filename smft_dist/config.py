@@ -1,0 +1,191 @@
+"""Typed run configuration: dataclasses, YAML loading, ``key=value`` overrides, validation.
+
+A run is described by one :class:`JobConfig` whose sections mirror the package: ``model``,
+``data``, ``optim``, ``smft``, ``distributed``, ``checkpoint``, ``train``. Files in ``configs/`` set
+any subset of fields; everything else keeps the defaults below. Every error names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type, or inconsistent."""
+
+
+# ----------------------------------------------------------------------------------------- model
+@dataclass
+class MemoryConfig:
+    """Product-key memory layers replacing the FFN of ``layers``."""
+
+    layers: list[int] = field(default_factory=list)  # block indices whose FFN is a memory layer
+    n_keys: int = 32  # half-keys per set; N = n_keys**2 slots
+    heads: int = 4
+    topk: int = 32  # k: slots read per head and token
+    k_dim: int = 64  # full key / query dim per head (two halves of k_dim/2)
+    v_dim: int | None = None  # value dim; None = model dim
+    query_bias: bool = True
+    query_norm: bool = False  # RMSNorm on each head's query
+    shared_values: bool = False  # one value pool shared by all memory layers
+
+    @property
+    def num_slots(self) -> int:
+        return self.n_keys * self.n_keys
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only transformer (pre-RMSNorm, RoPE, SwiGLU) with optional memory layers."""
+
+    vocab_size: int = 512
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    ffn_hidden_dim: int | None = None  # None = 8/3 * dim rounded up to ffn_multiple_of
+    ffn_multiple_of: int = 32
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 256
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    @property
+    def value_dim(self) -> int:
+        return self.memory.v_dim or self.dim
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first inconsistent field."""
+        m = self.memory
+        _require(self.dim % self.n_heads == 0, "model.dim", f"{self.dim} is not divisible by model.n_heads={self.n_heads}")
+        _require((self.dim // self.n_heads) % 2 == 0, "model.n_heads", "head dim dim/n_heads must be even for RoPE")
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
+            _require(getattr(self, name) > 0, f"model.{name}", "must be positive")
+        for i in m.layers:
+            _require(0 <= i < self.n_layers, "model.memory.layers", f"layer {i} is out of range [0, {self.n_layers})")
+        _require(len(set(m.layers)) == len(m.layers), "model.memory.layers", f"duplicate layer in {m.layers}")
+        if m.layers:
+            _require(m.n_keys > 0, "model.memory.n_keys", "must be positive")
+            _require(m.heads > 0, "model.memory.heads", "must be positive")
+            _require(0 < m.topk <= m.n_keys, "model.memory.topk", f"k={m.topk} must be in [1, n_keys={m.n_keys}]")
+            _require(m.k_dim > 0 and m.k_dim % 2 == 0, "model.memory.k_dim", f"{m.k_dim} must be positive and even")
+            _require(m.v_dim is None or m.v_dim > 0, "model.memory.v_dim", "must be positive")
+
+
+# ------------------------------------------------------------------------------------------- job
+@dataclass
+class JobConfig:
+    """Everything one run needs. Sections are added by the components that own them."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+
+
+# --------------------------------------------------------------------------------------- loading
+def _require(ok: bool, name: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {why}")
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (recursing into dataclasses and lists)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{name}: got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, prefix=name)
+    if origin in (list, Sequence):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{name}: expected true/false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys and bad types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in names:
+            raise ConfigError(f"{full}: unknown field (known: {', '.join(sorted(names))})")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config dataclass (for YAML dumps, manifests, HF configs)."""
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """Apply ``a.b.c=value`` strings (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), cls: type = JobConfig) -> Any:
+    """Load a YAML config file (or defaults when ``path`` is None), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p}: not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p}: invalid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping")
+    cfg = from_dict(cls, apply_overrides(data, overrides))
+    cfg.validate()
+    return cfg

@@ -1,0 +1,2 @@
+"""Environment check: ``python -m smft_dist.doctor``."""
+print("doctor placeholder")

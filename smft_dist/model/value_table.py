@@ -1,0 +1,100 @@
+"""Memory value tables: the interface the memory layer reads through, and the local implementation.
+
+A value table holds ``num_rows`` value vectors of size ``dim`` and answers one question: for each
+token, the weighted sum of the rows it selected (a weighted, sum-pooled embedding bag). The memory
+layer never touches rows directly, so a row-sharded TorchRec table
+(:mod:`smft_dist.distributed.sharding`) slots in without changing model code.
+
+Two optional masks shape a lookup:
+
+* ``valid`` [T]: tokens that read memory. Invalid tokens (padding) read nothing and get zeros; they
+  are no access for slot counting either.
+* ``trainable`` [T, K]: entries whose row may receive gradient. The rest still contribute to the
+  output but are detached, so their rows get no gradient at all (sparse memory finetuning).
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+from torch import nn
+
+
+class ValueTable(nn.Module, abc.ABC):
+    """Pooled weighted lookup: ``out[t] = sum_j weights[t, j] * row[indices[t, j]]``."""
+
+    num_rows: int
+    dim: int
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        indices: torch.Tensor,
+        weights: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        trainable: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """indices/weights [T, K] -> pooled [T, dim]; see the module docstring for the masks."""
+
+    @abc.abstractmethod
+    def full_weight(self) -> torch.Tensor:
+        """The whole [num_rows, dim] table on this process (gathered if sharded)."""
+
+
+def init_values_(weight: torch.Tensor) -> torch.Tensor:
+    """Reference init of value rows: N(0, dim^-1/2)."""
+    return nn.init.normal_(weight, mean=0.0, std=weight.shape[-1] ** -0.5)
+
+
+def split_bags(
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    valid: torch.Tensor | None,
+    trainable: torch.Tensor | None,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]]:
+    """Flatten [T, K] bags into jagged features ``(values, lengths, weights, carries_grad)``.
+
+    Returns one feature when ``trainable`` is None, else two (trainable first, then frozen) that
+    read the same table; the order inside each bag is preserved.
+    """
+    T, K = indices.shape
+    keep = torch.ones_like(indices, dtype=torch.bool) if valid is None else valid[:, None].expand(T, K)
+    if trainable is None:
+        masks = [(keep, True)]
+    else:
+        masks = [(keep & trainable, True), (keep & ~trainable, False)]
+    return [(indices[m], m.sum(1), weights[m], grad) for m, grad in masks]
+
+
+class LocalValueTable(ValueTable):
+    """Single-process table on ``torch.nn.EmbeddingBag`` (mode="sum", per-sample weights).
+
+    Gradients flow to the rows and to the weights (scores), so keys and queries learn through it.
+    """
+
+    def __init__(self, num_rows: int, dim: int, device: torch.device | str | None = None):
+        super().__init__()
+        self.num_rows, self.dim = num_rows, dim
+        self.bag = nn.EmbeddingBag(num_rows, dim, mode="sum", device=device)
+        init_values_(self.bag.weight.data)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.bag.weight
+
+    def forward(self, indices, weights, valid=None, trainable=None):
+        out = None
+        for values, lengths, w, grad in split_bags(indices, weights, valid, trainable):
+            offsets = torch.zeros(lengths.numel(), dtype=torch.long, device=lengths.device)
+            offsets[1:] = lengths.cumsum(0)[:-1]
+            pooled = self.bag(values, offsets, per_sample_weights=w.to(self.bag.weight.dtype))
+            pooled = pooled if grad else pooled.detach()
+            out = pooled if out is None else out + pooled
+        return out
+
+    def full_weight(self) -> torch.Tensor:
+        return self.bag.weight.detach()
+
+    def extra_repr(self) -> str:
+        return f"num_rows={self.num_rows}, dim={self.dim} ({self.num_rows * self.dim * 4 / 2**20:.1f} MiB fp32)"
