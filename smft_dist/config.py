@@ -49,6 +49,7 @@ class ModelConfig:
     dim: int = 64
     n_layers: int = 2
     n_heads: int = 4
+    n_kv_heads: int | None = None  # grouped-query attention; None = n_heads
     ffn_hidden_dim: int | None = None  # None = 8/3 * dim rounded up to ffn_multiple_of
     ffn_multiple_of: int = 32
     norm_eps: float = 1e-5
@@ -62,6 +63,17 @@ class ModelConfig:
     def value_dim(self) -> int:
         return self.memory.v_dim or self.dim
 
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        m = self.ffn_multiple_of
+        return m * ((int(8 * self.dim / 3) + m - 1) // m)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first inconsistent field."""
         m = self.memory
@@ -69,6 +81,7 @@ class ModelConfig:
         _require((self.dim // self.n_heads) % 2 == 0, "model.n_heads", "head dim dim/n_heads must be even for RoPE")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
             _require(getattr(self, name) > 0, f"model.{name}", "must be positive")
+        _require(self.n_heads % self.kv_heads == 0, "model.n_kv_heads", f"{self.kv_heads} must divide n_heads={self.n_heads}")
         for i in m.layers:
             _require(0 <= i < self.n_layers, "model.memory.layers", f"layer {i} is out of range [0, {self.n_layers})")
         _require(len(set(m.layers)) == len(m.layers), "model.memory.layers", f"duplicate layer in {m.layers}")
