@@ -96,12 +96,12 @@ class MemoryLayer(nn.Module):
         return self._table[0]
 
     def retrieve(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, dim] -> (indices [T, heads*k], softmaxed fp32 scores [T, heads*k])."""
+        """x [T, dim] -> (indices [T, heads*k], scores [T, heads*k] softmaxed per head in >= fp32)."""
         q = self.query(x).view(x.shape[0], self.cfg.heads, self.cfg.k_dim)
         if self.query_norm is not None:
             q = self.query_norm(q)
         scores, indices = product_key_topk(q, self.keys.to(q.dtype), self.cfg.topk)
-        scores = F.softmax(scores.float(), dim=-1)
+        scores = F.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
         return indices.flatten(1), scores.flatten(1)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
