@@ -93,15 +93,49 @@ class ModelConfig:
             _require(m.v_dim is None or m.v_dim > 0, "model.memory.v_dim", "must be positive")
 
 
+# ---------------------------------------------------------------------------------------- method
+METHODS = ("pretrain", "smft", "memory_ft", "full_ft", "lora")
+RANKINGS = ("tfidf", "tf", "random", "all")
+
+
+@dataclass
+class MethodConfig:
+    """What trains: see :mod:`smft_dist.smft.methods`. Defaults follow the SMFT paper."""
+
+    name: str = "smft"  # pretrain | smft | memory_ft | full_ft | lora
+    ranking: str = "tfidf"  # smft: tfidf | tf | random | all
+    top_t: int = 500  # smft: value rows trained per batch (paper: 500 facts, 10k documents)
+    background: str | None = None  # smft + tfidf: df statistics file (python -m smft_dist.background)
+    value_lr: float = 2.0  # lr of value rows (SGD for smft / memory_ft; paper: 2 low, 5 high)
+    dense_lr: float = 5e-6  # lr of dense / LoRA parameters (AdamW)
+    weight_decay: float = 0.1  # AdamW, dense / LoRA parameters
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    lora_rank: int = 32
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+
+    def validate(self) -> None:
+        _require(self.name in METHODS, "method.name", f"unknown method {self.name!r} (choose from {', '.join(METHODS)})")
+        _require(self.ranking in RANKINGS, "method.ranking", f"unknown ranking {self.ranking!r} (choose from {', '.join(RANKINGS)})")
+        _require(self.top_t > 0, "method.top_t", "must be positive")
+        _require(self.value_lr >= 0 and self.dense_lr >= 0, "method.value_lr", "learning rates must be >= 0")
+        _require(len(self.betas) == 2, "method.betas", f"expected two values, got {self.betas}")
+        _require(self.lora_rank > 0, "method.lora_rank", "must be positive")
+
+
 # ------------------------------------------------------------------------------------------- job
 @dataclass
 class JobConfig:
     """Everything one run needs. Sections are added by the components that own them."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
 
     def validate(self) -> None:
         self.model.validate()
+        self.method.validate()
+        if self.method.name in ("smft", "memory_ft"):
+            _require(bool(self.model.memory.layers), "model.memory.layers", f"method {self.method.name} needs a memory layer")
 
 
 # --------------------------------------------------------------------------------------- loading

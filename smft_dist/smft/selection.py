@@ -13,10 +13,9 @@ from typing import Callable
 
 import torch
 
+from smft_dist.config import RANKINGS
 from smft_dist.model.memory import MemoryAccess
 from smft_dist.smft.slot_counts import SlotCounter
-
-RANKINGS = ("tfidf", "tf", "random", "all")
 
 
 def tfidf(counts: torch.Tensor, df: torch.Tensor, num_batches: int) -> torch.Tensor:
