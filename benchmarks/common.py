@@ -24,6 +24,18 @@ def best_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) -> fl
     return min(times)
 
 
+def interleaved_best_times(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 2) -> dict[str, float]:
+    """Best wall time of each function, timing them round-robin so load spikes hit all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            best[name] = min(best[name], best_time(fn, repeats=1, warmup=0))
+    return best
+
+
 def copy_bandwidth(num_bytes: int = 256 * 2**20, device: str = "cpu") -> float:
     """Bytes moved (read + written) per second by a plain copy of ``num_bytes``, STREAM-style."""
     src = torch.empty(num_bytes // 4, dtype=torch.float32, device=device).normal_()
