@@ -80,15 +80,140 @@ class ModelConfig:
             _require(m.v_dim is None or m.v_dim > 0, "model.memory.v_dim", "must be positive")
 
 
+# ------------------------------------------------------------------------------------------ data
+SCHEMAS = ("text", "facts", "documents", "qa", "choice", "lm_pair")
+HUB_FORMATS = ("triviaqa", "nq_open", "simpleqa", "hellaswag", "gsm8k", "dclm")
+
+
+@dataclass
+class SourceConfig:
+    """Where records come from and what they look like.
+
+    ``path`` is a local file, directory or glob (jsonl / json / parquet / txt), or a hub dataset
+    name. ``schema`` is one of the canonical record schemas (``text``: {text}; ``facts``: {fact,
+    paraphrases, question, answer}; ``documents``: {document, augmentations}; ``qa``: {question,
+    answers}; ``choice``: {context, endings, label}; ``lm_pair``: {prompt, target}) or a hub format
+    (triviaqa, nq_open, simpleqa, hellaswag, gsm8k, dclm) converted to one of them on load.
+    """
+
+    path: str = ""
+    schema: str = "text"
+    format: str = "auto"  # auto | jsonl | parquet | text | hub
+    name: str | None = None  # hub config name (e.g. "rc.nocontext" for TriviaQA)
+    split: str = "train"
+    streaming: bool = False  # IterableDataset, sharded with split_dataset_by_node (text only)
+    max_examples: int | None = None  # keep the first n records
+
+    def validate(self, prefix: str) -> None:
+        _require(self.schema in SCHEMAS + HUB_FORMATS, f"{prefix}.schema", f"{self.schema!r} is not one of {SCHEMAS + HUB_FORMATS}")
+        _require(self.format in ("auto", "jsonl", "parquet", "text", "hub"), f"{prefix}.format", f"unknown format {self.format!r}")
+        _require(self.max_examples is None or self.max_examples > 0, f"{prefix}.max_examples", "must be positive")
+
+
+@dataclass
+class StreamConfig:
+    """A batch stream over one source. ``batch_size`` is global (split evenly over ranks).
+
+    Text sources are packed into ``seq_len`` tokens (``pack``) or padded per document; fact and
+    document sources give one record per batch, its texts cycled to ``batch_size`` rows and
+    padded (never packed) to ``seq_len``.
+    """
+
+    source: SourceConfig = field(default_factory=SourceConfig)
+    seq_len: int = 128
+    batch_size: int = 8
+    pack: bool = True
+    shuffle: bool = True
+
+    def validate(self, prefix: str) -> None:
+        self.source.validate(f"{prefix}.source")
+        _require(self.seq_len > 1, f"{prefix}.seq_len", "must be > 1")
+        _require(self.batch_size > 0, f"{prefix}.batch_size", "must be positive")
+        _require(self.source.schema in ("text", "facts", "documents", "dclm"), f"{prefix}.source.schema", f"{self.source.schema!r} cannot be trained on; use text, facts, documents or dclm")
+
+
+@dataclass
+class ContinualConfig(StreamConfig):
+    """The continual-learning stream; paper defaults: one fact in 64 paraphrases of 64 tokens, in
+    file order. Set ``source.schema`` to facts or documents (a partial ``source`` override rebuilds
+    it from :class:`SourceConfig` defaults)."""
+
+    source: SourceConfig = field(default_factory=lambda: SourceConfig(schema="facts"))
+    seq_len: int = 64
+    batch_size: int = 64
+    pack: bool = False
+    shuffle: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Tokenizer and the three training streams: pretraining, background (df statistics), continual."""
+
+    tokenizer: str = ""  # local HF tokenizer directory (or hub name)
+    cache_dir: str | None = None  # datasets cache; None = HF default
+    num_proc: int | None = None  # processes for datasets.map
+    seed: int = 0
+    pretrain: StreamConfig = field(default_factory=StreamConfig)
+    background: StreamConfig = field(default_factory=StreamConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
+
+    def validate(self) -> None:
+        for name in ("pretrain", "background", "continual"):
+            stream = getattr(self, name)
+            if stream.source.path:
+                stream.validate(f"data.{name}")
+
+
+@dataclass
+class EvalTaskConfig:
+    """One evaluation: ``kind`` qa (EM / F1 by greedy generation), choice (log-likelihood
+    accuracy) or nll (held-out loss and perplexity) over ``source``."""
+
+    name: str = ""
+    kind: str = "nll"
+    source: SourceConfig = field(default_factory=SourceConfig)
+    seq_len: int = 256  # nll: sequence length (text is packed, lm_pair padded)
+
+    def validate(self, prefix: str) -> None:
+        _require(bool(self.name), f"{prefix}.name", "must be set")
+        _require(self.kind in ("qa", "choice", "nll"), f"{prefix}.kind", f"{self.kind!r} is not one of qa, choice, nll")
+        self.source.validate(f"{prefix}.source")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluations run by the trainer every ``every`` steps and by ``smft_dist.evaluate``."""
+
+    tasks: list[EvalTaskConfig] = field(default_factory=list)
+    every: int = 0  # steps between evaluations in training; 0 = only at the end
+    batch_size: int = 16  # sequences per forward on each rank
+    max_new_tokens: int = 16
+    qa_prompt: str = "Question: {question}\nAnswer:"
+    choice_norm: str = "chars"  # chars (acc_norm) | tokens | none
+
+    def validate(self) -> None:
+        _require(self.every >= 0, "eval.every", "must be >= 0")
+        _require(self.batch_size > 0, "eval.batch_size", "must be positive")
+        _require(self.max_new_tokens > 0, "eval.max_new_tokens", "must be positive")
+        _require(self.choice_norm in ("chars", "tokens", "none"), "eval.choice_norm", f"{self.choice_norm!r} is not one of chars, tokens, none")
+        _require("{question}" in self.qa_prompt, "eval.qa_prompt", "must contain {question}")
+        for i, task in enumerate(self.tasks):
+            task.validate(f"eval.tasks[{i}]")
+
+
 # ------------------------------------------------------------------------------------------- job
 @dataclass
 class JobConfig:
     """Everything one run needs. Sections are added by the components that own them."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
         self.model.validate()
+        self.data.validate()
+        self.eval.validate()
 
 
 # --------------------------------------------------------------------------------------- loading
