@@ -133,12 +133,18 @@ class StreamConfig:
 
 
 @dataclass
+class ContinualSourceConfig(SourceConfig):
+    """A continual-stream source: facts unless set to documents."""
+
+    schema: str = "facts"
+
+
+@dataclass
 class ContinualConfig(StreamConfig):
     """The continual-learning stream; paper defaults: one fact in 64 paraphrases of 64 tokens, in
-    file order. Set ``source.schema`` to facts or documents (a partial ``source`` override rebuilds
-    it from :class:`SourceConfig` defaults)."""
+    file order."""
 
-    source: SourceConfig = field(default_factory=lambda: SourceConfig(schema="facts"))
+    source: ContinualSourceConfig = field(default_factory=ContinualSourceConfig)
     seq_len: int = 64
     batch_size: int = 64
     pack: bool = False

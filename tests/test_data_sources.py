@@ -104,3 +104,13 @@ def test_synthetic_world_is_deterministic_and_split(tmp_path):
     tok = AutoTokenizer.from_pretrained(str(a["tokenizer"]))
     assert len(tok) == 300 and {tok.pad_token, tok.bos_token, tok.eos_token} == {"<pad>", "<s>", "</s>"}
     assert tok.decode(tok(new[0]["fact"], add_special_tokens=False)["input_ids"]) == new[0]["fact"]
+
+
+def test_data_config_defaults_survive_partial_overrides():
+    from smft_dist.config import ConfigError, load_config
+
+    cfg = load_config(None, ["data.continual.source.path=facts.jsonl", "data.pretrain.source.path=p.jsonl"])
+    c = cfg.data.continual
+    assert (c.source.schema, c.seq_len, c.batch_size, c.pack, c.shuffle) == ("facts", 64, 64, False, False)
+    with pytest.raises(ConfigError, match=r"^data\.continual\.source\.schema: 'qa' cannot be trained on"):
+        load_config(None, ["data.continual.source={path: f.jsonl, schema: qa}"])

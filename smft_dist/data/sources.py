@@ -71,17 +71,15 @@ def _load_local(files: list[str], fmt: str, fields: tuple[str, ...], streaming: 
         ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, cache_dir=cache_dir)
         if not streaming:
             _check_columns(ds, fields, ", ".join(files))
-    except Exception as e:
-        if fmt == "jsonl":
-            for f in files:
-                check_jsonl(f, fields)
-        elif fmt == "parquet":
-            for f in files:
-                _check_parquet(f, fields)
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"{', '.join(files)}: {type(e).__name__}: {e}".splitlines()[0]) from e
-    return ds
+        return ds
+    except Exception as e:  # find the file (and line) at fault, outside this handler
+        failure = e
+    check = {"jsonl": check_jsonl, "parquet": _check_parquet}.get(fmt)
+    for f in files if check else ():
+        check(f, fields)
+    if isinstance(failure, DataError):
+        raise failure
+    raise DataError(f"{', '.join(files)}: {type(failure).__name__}: {failure}".splitlines()[0]) from failure
 
 
 def _check_columns(ds, fields: tuple[str, ...], where: str) -> None:
