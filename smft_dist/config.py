@@ -123,6 +123,126 @@ class MethodConfig:
         _require(self.lora_rank > 0, "method.lora_rank", "must be positive")
 
 
+# ------------------------------------------------------------------------------------------ data
+SCHEMAS = ("text", "facts", "documents", "qa", "choice", "lm_pair")
+HUB_FORMATS = ("triviaqa", "nq_open", "simpleqa", "hellaswag", "gsm8k", "dclm")
+
+
+@dataclass
+class SourceConfig:
+    """Where records come from and what they look like.
+
+    ``path`` is a local file, directory or glob (jsonl / json / parquet / txt), or a hub dataset
+    name. ``schema`` is one of the canonical record schemas (``text``: {text}; ``facts``: {fact,
+    paraphrases, question, answer}; ``documents``: {document, augmentations}; ``qa``: {question,
+    answers}; ``choice``: {context, endings, label}; ``lm_pair``: {prompt, target}) or a hub format
+    (triviaqa, nq_open, simpleqa, hellaswag, gsm8k, dclm) converted to one of them on load.
+    """
+
+    path: str = ""
+    schema: str = "text"
+    format: str = "auto"  # auto | jsonl | parquet | text | hub
+    name: str | None = None  # hub config name (e.g. "rc.nocontext" for TriviaQA)
+    split: str = "train"
+    streaming: bool = False  # IterableDataset, sharded with split_dataset_by_node (text only)
+    max_examples: int | None = None  # keep the first n records
+
+    def validate(self, prefix: str) -> None:
+        _require(self.schema in SCHEMAS + HUB_FORMATS, f"{prefix}.schema", f"{self.schema!r} is not one of {SCHEMAS + HUB_FORMATS}")
+        _require(self.format in ("auto", "jsonl", "parquet", "text", "hub"), f"{prefix}.format", f"unknown format {self.format!r}")
+        _require(self.max_examples is None or self.max_examples > 0, f"{prefix}.max_examples", "must be positive")
+
+
+@dataclass
+class StreamConfig:
+    """A batch stream over one source. ``batch_size`` is global (split evenly over ranks).
+
+    Text sources are packed into ``seq_len`` tokens (``pack``) or padded per document; fact and
+    document sources give one record per batch, its texts cycled to ``batch_size`` rows and
+    padded (never packed) to ``seq_len``.
+    """
+
+    source: SourceConfig = field(default_factory=SourceConfig)
+    seq_len: int = 128
+    batch_size: int = 8
+    pack: bool = True
+    shuffle: bool = True
+
+    def validate(self, prefix: str) -> None:
+        self.source.validate(f"{prefix}.source")
+        _require(self.seq_len > 1, f"{prefix}.seq_len", "must be > 1")
+        _require(self.batch_size > 0, f"{prefix}.batch_size", "must be positive")
+        _require(self.source.schema in ("text", "facts", "documents", "dclm"), f"{prefix}.source.schema", f"{self.source.schema!r} cannot be trained on; use text, facts, documents or dclm")
+
+
+@dataclass
+class ContinualConfig(StreamConfig):
+    """The continual-learning stream; paper defaults: one fact in 64 paraphrases of 64 tokens, in
+    file order."""
+
+    source: SourceConfig = field(default_factory=lambda: SourceConfig(schema="facts"))
+    seq_len: int = 64
+    batch_size: int = 64
+    pack: bool = False
+    shuffle: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Tokenizer and the three training streams: pretraining, background (df statistics), continual."""
+
+    tokenizer: str = ""  # local HF tokenizer directory (or hub name)
+    cache_dir: str | None = None  # datasets cache; None = HF default
+    num_proc: int | None = None  # processes for datasets.map
+    seed: int = 0
+    pretrain: StreamConfig = field(default_factory=StreamConfig)
+    background: StreamConfig = field(default_factory=StreamConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
+
+    def validate(self) -> None:
+        for name in ("pretrain", "background", "continual"):
+            stream = getattr(self, name)
+            if stream.source.path:
+                stream.validate(f"data.{name}")
+
+
+@dataclass
+class EvalTaskConfig:
+    """One evaluation: ``kind`` qa (EM / F1 by greedy generation), choice (log-likelihood
+    accuracy) or nll (held-out loss and perplexity) over ``source``."""
+
+    name: str = ""
+    kind: str = "nll"
+    source: SourceConfig = field(default_factory=SourceConfig)
+    seq_len: int = 256  # nll: sequence length (text is packed, lm_pair padded)
+
+    def validate(self, prefix: str) -> None:
+        _require(bool(self.name), f"{prefix}.name", "must be set")
+        _require(self.kind in ("qa", "choice", "nll"), f"{prefix}.kind", f"{self.kind!r} is not one of qa, choice, nll")
+        self.source.validate(f"{prefix}.source")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluations run by the trainer every ``every`` steps and by ``smft_dist.evaluate``."""
+
+    tasks: list[EvalTaskConfig] = field(default_factory=list)
+    every: int = 0  # steps between evaluations in training; 0 = only at the end
+    batch_size: int = 16  # sequences per forward on each rank
+    max_new_tokens: int = 16
+    qa_prompt: str = "Question: {question}\nAnswer:"
+    choice_norm: str = "chars"  # chars (acc_norm) | tokens | none
+
+    def validate(self) -> None:
+        _require(self.every >= 0, "eval.every", "must be >= 0")
+        _require(self.batch_size > 0, "eval.batch_size", "must be positive")
+        _require(self.max_new_tokens > 0, "eval.max_new_tokens", "must be positive")
+        _require(self.choice_norm in ("chars", "tokens", "none"), "eval.choice_norm", f"{self.choice_norm!r} is not one of chars, tokens, none")
+        _require("{question}" in self.qa_prompt, "eval.qa_prompt", "must contain {question}")
+        for i, task in enumerate(self.tasks):
+            task.validate(f"eval.tasks[{i}]")
+
+
 # ------------------------------------------------------------------------------------------- job
 @dataclass
 class JobConfig:
@@ -130,12 +250,14 @@ class JobConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
         self.model.validate()
         self.method.validate()
-        if self.method.name in ("smft", "memory_ft"):
-            _require(bool(self.model.memory.layers), "model.memory.layers", f"method {self.method.name} needs a memory layer")
+        self.data.validate()
+        self.eval.validate()
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -144,8 +266,12 @@ def _require(ok: bool, name: str, why: str) -> None:
         raise ConfigError(f"{name}: {why}")
 
 
-def _coerce(value: Any, tp: Any, name: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` (recursing into dataclasses and lists)."""
+def _coerce(value: Any, tp: Any, name: str, default: Any = None) -> Any:
+    """Check ``value`` against the annotation ``tp`` (recursing into dataclasses and lists).
+
+    A mapping given for a dataclass field is merged into that field's ``default`` instance, so a
+    partial override keeps the defaults its parent chose (e.g. the continual stream's schema).
+    """
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
@@ -163,7 +289,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
-        return from_dict(tp, value, prefix=name)
+        return from_dict(tp, value, prefix=name, base=default if isinstance(default, tp) else None)
     if origin in (list, Sequence):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {value!r}")
@@ -189,17 +315,19 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     return value
 
 
-def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a nested dict; unknown keys and bad types raise ConfigError."""
+def from_dict(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
+    """Build dataclass ``cls`` from a nested dict (on top of ``base``, else the defaults); unknown
+    keys and bad types raise ConfigError."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}
+    base = base if base is not None else cls()
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in names:
             raise ConfigError(f"{full}: unknown field (known: {', '.join(sorted(names))})")
-        kwargs[key] = _coerce(value, hints[key], full)
-    return cls(**kwargs)
+        kwargs[key] = _coerce(value, hints[key], full, getattr(base, key))
+    return dataclasses.replace(base, **kwargs)
 
 
 def to_dict(cfg: Any) -> dict:

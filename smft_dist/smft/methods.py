@@ -58,6 +58,8 @@ def apply_method(
     seed_fn: Callable[[], int] = lambda: 0,
 ) -> MethodPlan:
     """Freeze / unfreeze parameters of ``model`` for ``cfg.name`` and install top-t selectors."""
+    if cfg.name in ("smft", "memory_ft") and not model.memory_layers():
+        raise ValueError(f"model.memory.layers: method {cfg.name} needs at least one memory layer")
     for layer in model.memory_layers():
         layer.trainable_selector = None
     if cfg.name == "lora":

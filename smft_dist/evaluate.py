@@ -1,0 +1,58 @@
+"""Evaluate a saved model on the ``eval`` tasks of a config.
+
+    python -m smft_dist.evaluate --config configs/tiny.yaml --model runs/x/hf [--step N]
+        [--out results.jsonl] [--tensorboard DIR] [key=value ...]
+
+Under torchrun every rank evaluates a disjoint shard; rank 0 writes the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch.distributed as dist
+
+from smft_dist.config import load_config
+from smft_dist.data.tokenizer import load_tokenizer
+from smft_dist.eval.runner import log_results, run_eval
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", help="YAML config (its eval section lists the tasks)")
+    ap.add_argument("--model", required=True, help="HF model directory (AutoModelForCausalLM)")
+    ap.add_argument("--tokenizer", help="tokenizer directory; default: data.tokenizer, else --model")
+    ap.add_argument("--step", type=int, default=0, help="step recorded with the results")
+    ap.add_argument("--out", help="append the results as a JSON line here")
+    ap.add_argument("--tensorboard", help="TensorBoard log directory")
+    ap.add_argument("overrides", nargs="*", help="config overrides key=value")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")  # eval sums are tiny; the model runs wherever it was loaded
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.tokenizer or cfg.data.tokenizer or args.model)
+    results = run_eval(model, tokenizer, cfg.eval, cache_dir=cfg.data.cache_dir)
+    writer = None
+    if args.tensorboard and (not dist.is_initialized() or dist.get_rank() == 0):
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(args.tensorboard)
+    log_results(results, args.step, json_path=args.out, writer=writer)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(json.dumps(results, indent=2))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Evaluation runner on tiny stand-in models whose outputs are forced."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import datasets
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from smft_dist.config import EvalConfig, EvalTaskConfig, SourceConfig
+from smft_dist.data import load_tokenizer, train_tokenizer
+from smft_dist.data.packing import encode, tokenize_pairs, tokenize_text
+from smft_dist.eval.runner import evaluate_choice, evaluate_nll, evaluate_qa, greedy_generate, log_results, run_eval
+
+PROMPT = "Question: {question}\nAnswer:"
+TEXTS = ["Rome is old. Milan is busy.", "alpha beta gamma delta", "river stone north", "Question: where?\nAnswer: here"]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    train_tokenizer(TEXTS * 5, 300, d)
+    return str(d)
+
+
+class Favor(nn.Module):
+    """Every position predicts the same distribution: logit ``bias`` on ``favored`` tokens, 0 elsewhere."""
+
+    def __init__(self, vocab: int, favored: list[int] = (), bias: float = 8.0):
+        super().__init__()
+        self.logit = nn.Parameter(torch.zeros(vocab))
+        with torch.no_grad():
+            self.logit[list(favored)] = bias
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.logit.expand(*input_ids.shape, -1)
+
+
+class Bigram(nn.Module):
+    """The next token is a fixed function of the current one (``table``; default ``junk``)."""
+
+    def __init__(self, vocab: int, table: dict[int, int], junk: int):
+        super().__init__()
+        nxt = torch.full((vocab,), junk)
+        for a, b in table.items():
+            nxt[a] = b
+        self.register_buffer("nxt", nxt)
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = torch.nn.functional.one_hot(self.nxt[input_ids], len(self.nxt)).float() * 10
+        return type("Out", (), {"logits": logits})()
+
+
+def _answering_model(tok, answer: str) -> Bigram:
+    """Answers ``answer`` then a newline after any prompt ending like ``PROMPT``."""
+    trigger = encode(tok, [PROMPT.format(question="x")], eos=False)[0][-1]
+    chain = [trigger, *encode(tok, [" " + answer], bos=False, eos=False)[0], *encode(tok, ["\n"], bos=False, eos=False)[0]]
+    assert len(set(chain)) == len(chain), "pick an answer with distinct tokens"
+    junk = encode(tok, ["gamma"], bos=False, eos=False)[0][0]
+    return Bigram(len(tok), dict(zip(chain, chain[1:])), junk)
+
+
+QA = [
+    {"question": "Capital of Italy?", "answers": ["Rome"]},
+    {"question": "A much longer question about which city it might be, really?", "answers": ["the rome!"]},
+    {"question": "Where?", "answers": ["Milan", "Rome, Italy"]},
+]
+
+
+def test_greedy_generation_and_qa_metrics(tok_dir):
+    tok = load_tokenizer(tok_dir)
+    model = _answering_model(tok, "Rome")
+    prompts = [PROMPT.format(question=r["question"]) for r in QA]  # different lengths, right-padded
+    assert greedy_generate(model, tok, prompts, max_new_tokens=12) == ["Rome"] * 3
+    res = evaluate_qa(model, tok, datasets.Dataset.from_list(QA), prompt=PROMPT, batch_size=2, max_new_tokens=12)
+    assert res["count"] == 3
+    assert res["em"] == pytest.approx(2 / 3) and res["f1"] == pytest.approx((1 + 1 + 2 / 3) / 3)
+    wrong = evaluate_qa(_answering_model(tok, "Milan"), tok, datasets.Dataset.from_list(QA), prompt=PROMPT, batch_size=3, max_new_tokens=12)
+    assert wrong["em"] == pytest.approx(1 / 3)
+
+
+CHOICES = [
+    {"context": "Question: where?", "endings": [" alpha beta", " river stone", " north"], "label": 1},
+    {"context": "Rome is", "endings": [" old.", " busy.", " river stone"], "label": 2},
+]
+
+
+def _ids(tok, text):
+    return encode(tok, [text], bos=False, eos=False)[0]
+
+
+def test_choice_picks_the_forced_option(tok_dir):
+    tok = load_tokenizer(tok_dir)
+    ds = datasets.Dataset.from_list(CHOICES)
+    forced = Favor(len(tok), _ids(tok, " river stone"))
+    for norm in ("chars", "tokens", "none"):
+        assert evaluate_choice(forced, tok, ds, batch_size=4, norm=norm) == {"acc": 1.0, "count": 2}
+    wrong = Favor(len(tok), _ids(tok, " alpha beta") + _ids(tok, " old."))  # forces option 0 twice
+    assert evaluate_choice(wrong, tok, ds, batch_size=5) == {"acc": 0.0, "count": 2}
+
+
+def test_choice_length_normalization(tok_dir):
+    tok = load_tokenizer(tok_dir)
+    long, short = " alpha beta gamma delta", " north"
+    favored = set(_ids(tok, long)) - set(_ids(tok, short))
+    assert len(_ids(tok, long)) > len(_ids(tok, short)) and favored
+    ds = datasets.Dataset.from_list([{"context": "river", "endings": [short, long], "label": 1}])
+    model = Favor(len(tok), sorted(favored), bias=0.1)  # the long ending's tokens slightly likelier
+    assert evaluate_choice(model, tok, ds, batch_size=2, norm="tokens")["acc"] == 1.0
+    assert evaluate_choice(model, tok, ds, batch_size=2, norm="none")["acc"] == 0.0  # the raw sum prefers fewer tokens
+
+
+def test_nll_of_a_uniform_model_is_log_vocab(tok_dir):
+    tok = load_tokenizer(tok_dir)
+    rows = tokenize_text(datasets.Dataset.from_dict({"text": TEXTS}), tok, 8, packed=True)
+    res = evaluate_nll(Favor(len(tok)), rows, batch_size=3)
+    assert res["tokens"] == sum(sum(m) - 1 for m in rows["attention_mask"])
+    assert res["nll"] == pytest.approx(math.log(len(tok))) and res["ppl"] == pytest.approx(len(tok))
+    pairs = tokenize_pairs(datasets.Dataset.from_dict({"prompt": ["Rome is"], "target": [" old."]}), tok, 16)
+    assert evaluate_nll(Favor(len(tok)), pairs, batch_size=1)["tokens"] == len(_ids(tok, " old.")) + 1  # + eos
+
+
+def _results(tok_dir) -> dict[str, float]:
+    tok = load_tokenizer(tok_dir)
+    qa = datasets.Dataset.from_list(QA + QA[:2])  # 5 records: uneven shards
+    choice = datasets.Dataset.from_list(CHOICES * 2 + CHOICES[:1])
+    rows = tokenize_text(datasets.Dataset.from_dict({"text": TEXTS}), tok, 8, packed=True)
+    results = {
+        "qa": evaluate_qa(_answering_model(tok, "Rome"), tok, qa, prompt=PROMPT, batch_size=2, max_new_tokens=8),
+        "choice": evaluate_choice(Favor(len(tok), _ids(tok, " north")), tok, choice, batch_size=4),
+        "nll": evaluate_nll(Favor(len(tok), _ids(tok, " stone"), bias=1.0), rows, batch_size=2),
+    }
+    return {f"{task}/{k}": v for task, res in results.items() for k, v in res.items()}
+
+
+def _worker(rank: int, world: int, port: int, tok_dir: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        res = _results(tok_dir)
+        with open(f"{out}.{rank}", "w") as fh:
+            json.dump(res, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.multirank
+def test_two_ranks_match_one(tok_dir, tmp_path):
+    single = _results(tok_dir)
+    assert single["qa/count"] == single["choice/count"] == 5 and single["qa/em"] == pytest.approx(4 / 5)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, tok_dir, str(tmp_path / "res")), nprocs=2)
+    for rank in range(2):
+        ranked = json.loads((tmp_path / f"res.{rank}").read_text())
+        assert ranked.keys() == single.keys()
+        for k, v in single.items():
+            assert ranked[k] == pytest.approx(v, rel=1e-9), k
+
+
+def test_run_eval_logs_json_and_tensorboard(tok_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    tok = load_tokenizer(tok_dir)
+    qa_path = tmp_path / "qa.jsonl"
+    qa_path.write_text("".join(json.dumps({"question": r["question"], "answer": r["answers"]}) + "\n" for r in QA))
+    text_path = tmp_path / "held.jsonl"
+    text_path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    cfg = EvalConfig(
+        tasks=[
+            EvalTaskConfig(name="nq", kind="qa", source=SourceConfig(path=str(qa_path), schema="nq_open")),
+            EvalTaskConfig(name="held", kind="nll", source=SourceConfig(path=str(text_path)), seq_len=8),
+        ],
+        max_new_tokens=8,
+    )
+    model = _answering_model(tok, "Rome")
+    model.train()
+    results = run_eval(model, tok, cfg, cache_dir=str(tmp_path / "cache"))
+    assert model.training  # restored
+    assert results["nq/em"] == pytest.approx(2 / 3) and set(results) == {"nq/em", "nq/f1", "nq/count", "held/nll", "held/ppl", "held/tokens"}
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    log_results(results, 5, json_path=tmp_path / "eval.jsonl", writer=writer)
+    log_results(results, 9, json_path=tmp_path / "eval.jsonl")
+    writer.close()
+    lines = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [5, 9] and lines[0]["nq/f1"] == pytest.approx(results["nq/f1"])
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    (event,) = acc.Scalars("eval/nq/em")
+    assert event.step == 5 and event.value == pytest.approx(2 / 3)
