@@ -80,15 +80,76 @@ class ModelConfig:
             _require(m.v_dim is None or m.v_dim > 0, "model.memory.v_dim", "must be positive")
 
 
+# ----------------------------------------------------------- distributed engine (issue 3, dist)
+SPARSE_OPTIMIZERS = ("exact_sgd", "exact_rowwise_adagrad", "adam", "partial_rowwise_adam")
+
+
+@dataclass
+class DistributedConfig:
+    """Process group, value-table placement and the DeepSpeed engine over the dense parameters."""
+
+    backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
+    table_placement: str = "row_wise"  # row_wise (sharded over all ranks) | data_parallel (replicated)
+    zero_stage: int = 0  # DeepSpeed ZeRO stage for the dense parameters: 0, 1 or 2
+    dtype: str = "auto"  # dense training dtype: auto = bf16 on CUDA, fp32 on CPU; or fp32 | bf16
+    grad_clip: float = 1.0  # max global grad norm of the dense parameters; 0 = off
+    grad_accum_steps: int = 1  # micro-batches per dense optimizer step
+
+    def validate(self) -> None:
+        _require(self.backend in ("auto", "nccl", "gloo"), "distributed.backend", f"{self.backend!r} is not auto|nccl|gloo")
+        _require(self.table_placement in ("row_wise", "data_parallel"), "distributed.table_placement", f"{self.table_placement!r} is not row_wise|data_parallel")
+        _require(self.zero_stage in (0, 1, 2), "distributed.zero_stage", f"{self.zero_stage} is not 0, 1 or 2")
+        _require(self.dtype in ("auto", "fp32", "bf16"), "distributed.dtype", f"{self.dtype!r} is not auto|fp32|bf16")
+        _require(self.grad_clip >= 0, "distributed.grad_clip", "must be >= 0")
+        _require(self.grad_accum_steps >= 1, "distributed.grad_accum_steps", "must be >= 1")
+
+
+@dataclass
+class SparseOptimConfig:
+    """FBGEMM's fused optimizer for value rows; it updates rows inside the backward pass."""
+
+    type: str = "exact_sgd"  # exact_sgd | exact_rowwise_adagrad (CPU and CUDA); adam | partial_rowwise_adam (CUDA)
+    lr: float = 1e-3  # peak lr; the run's schedule scales it every step
+    eps: float = 1e-8
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+
+    def validate(self) -> None:
+        _require(self.type in SPARSE_OPTIMIZERS, "sparse_optim.type", f"{self.type!r} is not one of {'|'.join(SPARSE_OPTIMIZERS)}")
+        _require(self.lr >= 0, "sparse_optim.lr", "must be >= 0")
+        _require(self.eps > 0, "sparse_optim.eps", "must be positive")
+
+
+@dataclass
+class CheckpointConfig:
+    """Step checkpoints: ``dir/step_XXXXXXXX`` plus a ``latest`` pointer."""
+
+    dir: str = "checkpoints"
+    interval: int = 0  # steps between saves; 0 = only at the end
+    keep_last: int = 3  # complete checkpoints kept; 0 = keep all
+
+    def validate(self) -> None:
+        _require(self.interval >= 0, "checkpoint.interval", "must be >= 0")
+        _require(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+
+
 # ------------------------------------------------------------------------------------------- job
 @dataclass
 class JobConfig:
     """Everything one run needs. Sections are added by the components that own them."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    # distributed engine (issue 3)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    sparse_optim: SparseOptimConfig = field(default_factory=SparseOptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self) -> None:
         self.model.validate()
+        # distributed engine (issue 3)
+        for section in (self.distributed, self.sparse_optim, self.checkpoint):
+            section.validate()
 
 
 # --------------------------------------------------------------------------------------- loading
