@@ -49,6 +49,7 @@ class ModelConfig:
     dim: int = 64
     n_layers: int = 2
     n_heads: int = 4
+    n_kv_heads: int | None = None  # grouped-query attention; None = n_heads
     ffn_hidden_dim: int | None = None  # None = 8/3 * dim rounded up to ffn_multiple_of
     ffn_multiple_of: int = 32
     norm_eps: float = 1e-5
@@ -62,6 +63,17 @@ class ModelConfig:
     def value_dim(self) -> int:
         return self.memory.v_dim or self.dim
 
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden_dim is not None:
+            return self.ffn_hidden_dim
+        m = self.ffn_multiple_of
+        return m * ((int(8 * self.dim / 3) + m - 1) // m)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first inconsistent field."""
         m = self.memory
@@ -69,6 +81,7 @@ class ModelConfig:
         _require((self.dim // self.n_heads) % 2 == 0, "model.n_heads", "head dim dim/n_heads must be even for RoPE")
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len"):
             _require(getattr(self, name) > 0, f"model.{name}", "must be positive")
+        _require(self.n_heads % self.kv_heads == 0, "model.n_kv_heads", f"{self.kv_heads} must divide n_heads={self.n_heads}")
         for i in m.layers:
             _require(0 <= i < self.n_layers, "model.memory.layers", f"layer {i} is out of range [0, {self.n_layers})")
         _require(len(set(m.layers)) == len(m.layers), "model.memory.layers", f"duplicate layer in {m.layers}")
@@ -78,6 +91,36 @@ class ModelConfig:
             _require(0 < m.topk <= m.n_keys, "model.memory.topk", f"k={m.topk} must be in [1, n_keys={m.n_keys}]")
             _require(m.k_dim > 0 and m.k_dim % 2 == 0, "model.memory.k_dim", f"{m.k_dim} must be positive and even")
             _require(m.v_dim is None or m.v_dim > 0, "model.memory.v_dim", "must be positive")
+
+
+# ---------------------------------------------------------------------------------------- method
+METHODS = ("pretrain", "smft", "memory_ft", "full_ft", "lora")
+RANKINGS = ("tfidf", "tf", "random", "all")
+
+
+@dataclass
+class MethodConfig:
+    """What trains: see :mod:`smft_dist.smft.methods`. Defaults follow the SMFT paper."""
+
+    name: str = "smft"  # pretrain | smft | memory_ft | full_ft | lora
+    ranking: str = "tfidf"  # smft: tfidf | tf | random | all
+    top_t: int = 500  # smft: value rows trained per batch (paper: 500 facts, 10k documents)
+    background: str | None = None  # smft + tfidf: df statistics file (python -m smft_dist.background)
+    value_lr: float = 2.0  # lr of value rows (SGD for smft / memory_ft; paper: 2 low, 5 high)
+    dense_lr: float = 5e-6  # lr of dense / LoRA parameters (AdamW)
+    weight_decay: float = 0.1  # AdamW, dense / LoRA parameters
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    lora_rank: int = 32
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+
+    def validate(self) -> None:
+        _require(self.name in METHODS, "method.name", f"unknown method {self.name!r} (choose from {', '.join(METHODS)})")
+        _require(self.ranking in RANKINGS, "method.ranking", f"unknown ranking {self.ranking!r} (choose from {', '.join(RANKINGS)})")
+        _require(self.top_t > 0, "method.top_t", "must be positive")
+        _require(self.value_lr >= 0 and self.dense_lr >= 0, "method.value_lr", "learning rates must be >= 0")
+        _require(len(self.betas) == 2, "method.betas", f"expected two values, got {self.betas}")
+        _require(self.lora_rank > 0, "method.lora_rank", "must be positive")
 
 
 # ----------------------------------------------------------- distributed engine (issue 3, dist)
@@ -140,6 +183,7 @@ class JobConfig:
     """Everything one run needs. Sections are added by the components that own them."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     # distributed engine (issue 3)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     sparse_optim: SparseOptimConfig = field(default_factory=SparseOptimConfig)
@@ -147,6 +191,9 @@ class JobConfig:
 
     def validate(self) -> None:
         self.model.validate()
+        self.method.validate()
+        if self.method.name in ("smft", "memory_ft"):
+            _require(bool(self.model.memory.layers), "model.memory.layers", f"method {self.method.name} needs a memory layer")
         # distributed engine (issue 3)
         for section in (self.distributed, self.sparse_optim, self.checkpoint):
             section.validate()
@@ -189,8 +236,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         return dict(value)
     if tp is Any:
         return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if tp is float and not isinstance(value, bool):
+        try:  # YAML 1.1 reads "1e-6" (no dot) as a string
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{name}: expected true/false, got {value!r}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):

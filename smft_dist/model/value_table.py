@@ -77,7 +77,11 @@ class LocalValueTable(ValueTable):
         super().__init__()
         self.num_rows, self.dim = num_rows, dim
         self.bag = nn.EmbeddingBag(num_rows, dim, mode="sum", device=device)
-        init_values_(self.bag.weight.data)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            init_values_(self.bag.weight)
 
     @property
     def weight(self) -> torch.Tensor:

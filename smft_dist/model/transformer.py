@@ -1,0 +1,159 @@
+"""Decoder-only transformer: pre-RMSNorm blocks, RoPE, causal SDPA attention, SwiGLU or memory FFN.
+
+Value tables live in one place, :attr:`Transformer.value_tables`, and are *bound* to the memory
+layers that read them; :meth:`Transformer.bind_value_tables` swaps in other implementations (a
+row-sharded TorchRec table) and can take them out of the module tree entirely, so a dense-only
+wrapper (DeepSpeed) never sees them.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smft_dist.config import ModelConfig
+from smft_dist.model.memory import MemoryLayer
+from smft_dist.model.value_table import LocalValueTable, ValueTable
+
+
+def value_table_names(cfg: ModelConfig) -> dict[int, str]:
+    """Block index -> name of the value table its memory layer reads."""
+    shared = cfg.memory.shared_values
+    return {i: "mem_values" if shared else f"mem_values_{i}" for i in cfg.memory.layers}
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, 1, S, head_dim] for the rotate-half RoPE convention (as in Llama)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = positions.float()[..., None] * inv_freq  # [B, S, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.kv_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask):
+        B, S, _ = x.shape
+        q = self.wq(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)  # gate
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)  # up
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)  # down
+
+    def forward(self, x, valid=None):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, table_name: str | None):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn = MemoryLayer(cfg.dim, cfg.memory, table_name) if table_name else SwiGLU(cfg.dim, cfg.hidden_dim)
+
+    def forward(self, x, cos, sin, attn_mask, valid):
+        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask)
+        return x + self.ffn(self.ffn_norm(x), valid)
+
+
+class Transformer(nn.Module):
+    """Causal LM returning logits [B, S, vocab]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        names = value_table_names(cfg)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i, names.get(i)) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.value_tables = nn.ModuleDict(
+            {name: LocalValueTable(cfg.memory.num_slots, cfg.value_dim) for name in sorted(set(names.values()))}
+        )
+        self.bind_value_tables(dict(self.value_tables), register=True)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Dense weights N(0, init_std); memory layers and value tables use the reference init."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=self.cfg.init_std)
+            elif isinstance(module, nn.RMSNorm):
+                nn.init.ones_(module.weight)
+        for layer in self.memory_layers():
+            layer.reset_parameters()
+        for table in self.value_tables.values():
+            if isinstance(table, LocalValueTable):
+                table.reset_parameters()
+
+    def memory_layers(self) -> list[MemoryLayer]:
+        return [b.ffn for b in self.layers if isinstance(b.ffn, MemoryLayer)]
+
+    def bind_value_tables(self, tables: Mapping[str, ValueTable], register: bool = True) -> None:
+        """Make memory layers read ``tables`` (name -> table); register them as submodules or not."""
+        missing = {layer.table_name for layer in self.memory_layers()} - set(tables)
+        if missing:
+            raise KeyError(f"no value table given for {sorted(missing)}")
+        for layer in self.memory_layers():
+            layer.bind_table(tables[layer.table_name])
+        self.value_tables = nn.ModuleDict(tables if register else {})
+
+    def dense_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Named parameters outside the value tables."""
+        return ((n, p) for n, p in self.named_parameters() if not n.startswith("value_tables."))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, S = input_ids.shape
+        if attention_mask is None or bool(attention_mask.all()):
+            valid, attn_mask = None, None
+            positions = torch.arange(S, device=input_ids.device).expand(B, S)
+        else:
+            valid = attention_mask.bool()
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            causal = torch.ones(S, S, dtype=torch.bool, device=input_ids.device).tril()
+            eye = torch.eye(S, dtype=torch.bool, device=input_ids.device)
+            attn_mask = (causal & (valid[:, None, None, :] | eye))  # padded queries attend to themselves
+        cos, sin = rope_cos_sin(positions, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta)
+        h = self.tok_embeddings(input_ids)
+        for block in self.layers:
+            h = block(h, cos.to(h.dtype), sin.to(h.dtype), attn_mask, valid)
+        return self.output(self.norm(h))
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross entropy; ``labels`` are aligned with the inputs (shifted here), -100 ignored."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction=reduction
+    )

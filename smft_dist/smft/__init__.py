@@ -1,0 +1,1 @@
+"""Sparse memory finetuning: slot counting, background statistics, top-t selection, methods."""

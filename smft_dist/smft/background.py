@@ -1,0 +1,55 @@
+"""Background document frequencies: df(i) = number of background batches that read slot i.
+
+Collected once over background (pretraining) batches and stored with the checkpoint; fixed during
+finetuning. ``python -m smft_dist.background`` runs the collection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+@dataclass
+class BackgroundStats:
+    """Per-table df counts over ``num_batches`` background batches."""
+
+    df: dict[str, torch.Tensor]  # table name -> int64 [num_slots]
+    num_batches: int = 0
+
+    @classmethod
+    def empty(cls, num_slots: dict[str, int]) -> BackgroundStats:
+        return cls({name: torch.zeros(n, dtype=torch.int64) for name, n in num_slots.items()}, 0)
+
+    def add_batch(self, global_counts: dict[str, torch.Tensor]) -> None:
+        """Account one global batch given its all-reduced counts per table."""
+        for name, counts in global_counts.items():
+            self.df[name] += (counts.cpu() > 0).long()
+        self.num_batches += 1
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically as safetensors (no pickles)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({f"df.{k}": v.contiguous() for k, v in self.df.items()}, str(tmp), metadata={"num_batches": str(self.num_batches)})
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> BackgroundStats:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"background statistics {path}: not found (run python -m smft_dist.background)")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - any decoding failure means a bad file
+            raise ValueError(f"background statistics {path}: unreadable ({e})") from None
+        if "num_batches" not in meta:
+            raise ValueError(f"background statistics {path}: missing num_batches metadata")
+        return cls({k.removeprefix("df."): v for k, v in tensors.items()}, int(meta["num_batches"]))

@@ -1,0 +1,107 @@
+"""Training methods: which parameters train, and with what optimizer.
+
+=========  ==========================================  ========================================
+method     trains                                      optimizer
+=========  ==========================================  ========================================
+pretrain   everything (scores carry gradient)          AdamW dense; values at their own lr
+smft       top-t value rows of each batch (TF-IDF)     SGD on value rows; dense frozen
+memory_ft  every accessed value row                    SGD on value rows; dense frozen
+full_ft    every parameter                             AdamW
+lora       LoRA adapters on attention + SwiGLU FFNs    AdamW (peft)
+=========  ==========================================  ========================================
+
+SGD for sparse methods follows the paper: adaptive steps, momentum and weight decay interact with
+sparsity in unexpected ways, and plain SGD leaves unselected rows bit-identical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from smft_dist.config import MethodConfig
+from smft_dist.model.transformer import Attention, SwiGLU, Transformer
+from smft_dist.smft.background import BackgroundStats
+from smft_dist.smft.selection import TopTSelector
+from smft_dist.smft.slot_counts import SlotCounter
+
+
+@dataclass
+class MethodPlan:
+    """What :func:`apply_method` set up: trainable dense parameters, whether values train, selectors."""
+
+    name: str
+    dense_params: list[nn.Parameter]
+    values_train: bool
+    selectors: dict[int, TopTSelector]  # block index of a memory layer -> its selector (smft only)
+
+
+def lora_targets(model: Transformer) -> list[str]:
+    """Full names of the attention and SwiGLU projections (memory layers excluded)."""
+    return [
+        f"{name}.{proj}"
+        for name, module in model.named_modules()
+        if isinstance(module, (Attention, SwiGLU))
+        for proj, child in module.named_children()
+        if isinstance(child, nn.Linear)
+    ]
+
+
+def apply_method(
+    model: Transformer,
+    cfg: MethodConfig,
+    background: BackgroundStats | None = None,
+    group: torch.distributed.ProcessGroup | None = None,
+    seed_fn: Callable[[], int] = lambda: 0,
+) -> MethodPlan:
+    """Freeze / unfreeze parameters of ``model`` for ``cfg.name`` and install top-t selectors."""
+    for layer in model.memory_layers():
+        layer.trainable_selector = None
+    if cfg.name == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=lora_targets(model))
+        inject_adapter_in_model(lora, model)
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+        return MethodPlan(cfg.name, [p for p in model.parameters() if p.requires_grad], False, {})
+
+    dense_train = cfg.name in ("pretrain", "full_ft")
+    for _, p in model.dense_parameters():
+        p.requires_grad_(dense_train)
+    selectors: dict[int, TopTSelector] = {}
+    if cfg.name == "smft":
+        if cfg.ranking == "tfidf" and background is None:
+            raise ValueError("method.background: ranking 'tfidf' needs background df statistics (python -m smft_dist.background)")
+        for i, block in enumerate(model.layers):
+            layer = block.ffn
+            if layer not in model.memory_layers():
+                continue
+            df = background.df.get(layer.table_name) if background is not None else None
+            if cfg.ranking == "tfidf" and df is None:
+                raise ValueError(f"method.background: no df statistics for table {layer.table_name!r}")
+            num_batches = background.num_batches if background is not None else 0
+            sel = TopTSelector(SlotCounter(layer.cfg.num_slots, group), cfg.top_t, cfg.ranking, df, num_batches, seed_fn)
+            layer.trainable_selector = selectors[i] = sel
+    dense = [p for _, p in model.dense_parameters() if p.requires_grad]
+    return MethodPlan(cfg.name, dense, True, selectors)
+
+
+def build_local_optimizers(model: Transformer, plan: MethodPlan, cfg: MethodConfig) -> list[torch.optim.Optimizer]:
+    """Single-process optimizers: AdamW over dense/LoRA parameters, SGD (sparse methods) or AdamW
+    (pretrain, full_ft) over the local value tables."""
+    opts: list[torch.optim.Optimizer] = []
+    if plan.dense_params:
+        opts.append(torch.optim.AdamW(plan.dense_params, lr=cfg.dense_lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay))
+    values = [p for t in model.value_tables.values() for p in t.parameters()]
+    for p in values:
+        p.requires_grad_(plan.values_train)
+    if plan.values_train and values:
+        if plan.name in ("smft", "memory_ft"):
+            opts.append(torch.optim.SGD(values, lr=cfg.value_lr))
+        else:
+            opts.append(torch.optim.AdamW(values, lr=cfg.value_lr, betas=tuple(cfg.betas), weight_decay=0.0))
+    return opts

@@ -1,0 +1,68 @@
+"""Each training method moves exactly the parameters it should (single process)."""
+
+import pytest
+import torch
+
+from smft_dist.config import MemoryConfig, MethodConfig, ModelConfig
+from smft_dist.model import Transformer, lm_loss
+from smft_dist.smft.background import BackgroundStats
+from smft_dist.smft.methods import apply_method, build_local_optimizers
+
+CFG = ModelConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, memory=MemoryConfig(layers=[1], n_keys=8, topk=2, heads=2, k_dim=8))
+TABLE = "value_tables.mem_values_1.bag.weight"
+
+
+def _step(method: MethodConfig, background=None):
+    torch.manual_seed(0)
+    model = Transformer(CFG)
+    plan = apply_method(model, method, background)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opts = build_local_optimizers(model, plan, method)
+    ids = torch.randint(0, 64, (4, 8))
+    lm_loss(model(ids), ids).backward()
+    for opt in opts:
+        opt.step()
+    changed = {n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])}
+    return model, plan, changed, before
+
+
+def test_smft_trains_only_top_t_rows_with_tfidf():
+    bg = BackgroundStats.empty({"mem_values_1": 64})
+    bg.add_batch({"mem_values_1": torch.arange(64) % 2})  # odd slots are common in the background
+    model, plan, changed, before = _step(MethodConfig(name="smft", top_t=4, background="x"), bg)
+    assert changed == {TABLE}
+    rows = (model.value_tables["mem_values_1"].weight != before[TABLE]).any(1)
+    selected = plan.selectors[1].selected
+    assert torch.equal(rows, selected) and int(selected.sum()) == 4
+    counts = plan.selectors[1].counts
+    even_accessed = int(((counts > 0) & (torch.arange(64) % 2 == 0)).sum())
+    assert int((selected & (torch.arange(64) % 2 == 0)).sum()) == min(4, even_accessed), "rare slots rank first"
+
+
+def test_memory_ft_trains_every_accessed_row_only():
+    model, _, changed, before = _step(MethodConfig(name="memory_ft"))
+    assert changed == {TABLE}
+    access = model.memory_layers()[0].last_access
+    scored = access.indices.view(4, 8, -1)[:, :-1]  # the last position predicts nothing
+    accessed = torch.zeros(64, dtype=torch.bool)
+    accessed[scored.flatten()] = True
+    rows = (model.value_tables["mem_values_1"].weight != before[TABLE]).any(1)
+    assert torch.equal(rows, accessed)
+
+
+def test_full_ft_trains_everything():
+    _, _, changed, before = _step(MethodConfig(name="full_ft", dense_lr=1e-3, value_lr=1e-3))
+    assert changed == set(before)
+
+
+def test_lora_trains_only_adapters():
+    model, plan, changed, before = _step(MethodConfig(name="lora", lora_rank=2, dense_lr=1e-2))
+    assert changed and all("lora_" in n for n in changed)
+    assert not any("lora" in n for n in before if n.startswith("layers.1.ffn")), "memory layer has no adapters"
+    assert any(n.startswith("layers.0.ffn.w3.lora_B") for n in changed)
+    assert not plan.values_train
+
+
+def test_tfidf_without_background_is_a_clear_error():
+    with pytest.raises(ValueError, match="method.background"):
+        apply_method(Transformer(CFG), MethodConfig(name="smft", ranking="tfidf"))
