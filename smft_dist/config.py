@@ -149,10 +149,10 @@ class DistributedConfig:
 
 @dataclass
 class SparseOptimConfig:
-    """FBGEMM's fused optimizer for value rows; it updates rows inside the backward pass."""
+    """FBGEMM's fused optimizer for value rows (lr: ``method.value_lr``); it updates rows inside the
+    backward pass."""
 
     type: str = "exact_sgd"  # exact_sgd | exact_rowwise_adagrad (CPU and CUDA); adam | partial_rowwise_adam (CUDA)
-    lr: float = 1e-3  # peak lr; the run's schedule scales it every step
     eps: float = 1e-8
     beta1: float = 0.9
     beta2: float = 0.999
@@ -160,7 +160,6 @@ class SparseOptimConfig:
 
     def validate(self) -> None:
         _require(self.type in SPARSE_OPTIMIZERS, "sparse_optim.type", f"{self.type!r} is not one of {'|'.join(SPARSE_OPTIMIZERS)}")
-        _require(self.lr >= 0, "sparse_optim.lr", "must be >= 0")
         _require(self.eps > 0, "sparse_optim.eps", "must be positive")
 
 

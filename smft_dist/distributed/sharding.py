@@ -41,14 +41,14 @@ _OPTIMIZERS = {
 _CUDA_ONLY = {"adam", "partial_rowwise_adam"}
 
 
-def fused_params(cfg: SparseOptimConfig, device_type: str) -> dict:
-    """FBGEMM fused-optimizer parameters for ``cfg``; Adam variants exist only on CUDA."""
+def fused_params(cfg: SparseOptimConfig, lr: float, device_type: str) -> dict:
+    """FBGEMM fused-optimizer parameters for ``cfg`` at ``lr``; Adam variants exist only on CUDA."""
     if cfg.type in _CUDA_ONLY and device_type != "cuda":
         raise ValueError(
             f"sparse_optim.type={cfg.type}: FBGEMM has no {cfg.type} kernel on {device_type}; "
             "use exact_sgd or exact_rowwise_adagrad"
         )
-    params: dict = {"optimizer": _OPTIMIZERS[cfg.type], "learning_rate": cfg.lr}
+    params: dict = {"optimizer": _OPTIMIZERS[cfg.type], "learning_rate": lr}
     if cfg.type != "exact_sgd":
         params.update(eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.type in _CUDA_ONLY:
@@ -83,12 +83,15 @@ class ShardedValueTable(ValueTable):
         name: str,
         init: torch.Tensor,
         optim: SparseOptimConfig,
+        lr: float,
         placement: str = "row_wise",
         device: torch.device | None = None,
         group: dist.ProcessGroup | None = None,
     ):
         super().__init__()
         self.num_rows, self.dim = init.shape
+        if self.dim % 4:
+            raise ValueError(f"value table {name!r}: dim {self.dim} must be a multiple of 4 (FBGEMM TBE rows)")
         self.name, self.placement = name, placement
         self.group = group if group is not None else dist.group.WORLD
         device = device or init.device
@@ -98,7 +101,7 @@ class ShardedValueTable(ValueTable):
             feature_names=list(FEATURES), pooling=PoolingType.SUM,
         )
         ebc = EmbeddingBagCollection(tables=[config], is_weighted=True, device=torch.device("meta"))
-        sharder = ValueTableSharder(fused_params=fused_params(optim, device.type))
+        sharder = ValueTableSharder(fused_params=fused_params(optim, lr, device.type))
         if placement == "row_wise":
             generator = row_wise(compute_kernel=EmbeddingComputeKernel.FUSED.value)
         else:
@@ -112,7 +115,7 @@ class ShardedValueTable(ValueTable):
         self.row_counts = [s.shard_sizes[0] for s in shards] if shards else [self.num_rows]
         self.replicated_optimizer = None
         if placement == "data_parallel":
-            self.replicated_optimizer = _replicated_optimizer(optim, self.local_weight())
+            self.replicated_optimizer = _replicated_optimizer(optim, lr, self.local_weight())
         with torch.no_grad():
             lo = self.row_offsets[dist.get_rank(self.group)] if shards else 0
             self.local_weight().copy_(init[lo : lo + self.local_weight().shape[0]])
@@ -193,7 +196,7 @@ class ShardedValueTable(ValueTable):
         return f"{self.name}: num_rows={self.num_rows}, dim={self.dim}, placement={self.placement}"
 
 
-def _replicated_optimizer(cfg: SparseOptimConfig, weight: torch.Tensor) -> torch.optim.Optimizer:
+def _replicated_optimizer(cfg: SparseOptimConfig, lr: float, weight: torch.Tensor) -> torch.optim.Optimizer:
     if cfg.type != "exact_sgd":
         raise ValueError(f"distributed.table_placement=data_parallel supports sparse_optim.type=exact_sgd, not {cfg.type}")
-    return torch.optim.SGD([weight], lr=cfg.lr)
+    return torch.optim.SGD([weight], lr=lr)
