@@ -38,6 +38,7 @@ def deepspeed_config(cfg: DistributedConfig, device: torch.device, has_optimizer
         "gradient_accumulation_steps": cfg.grad_accum_steps,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage if has_optimizer else 0},
+        "zero_allow_untested_optimizer": True,  # the client optimizer comes from the training method
         "bf16": {"enabled": dense_dtype(cfg, device) == torch.bfloat16},
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
