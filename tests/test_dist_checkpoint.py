@@ -64,6 +64,7 @@ def _save_two(rank: int, world: int, root: str) -> dict:
     _, par = build(job)
     _steps(par, rank, world, 0, 1)
     ckpt.save_checkpoint(par, CheckpointConfig(dir=root), step=1, model_cfg=job.model)
+    ckpt.export_hf(par, job.model, f"{root}/hf")
     return _snapshot(par)
 
 
@@ -83,6 +84,14 @@ def test_reshard_two_ranks_to_one_and_back(tmp_path):
         loaded = run_ranks(_load_on, world, str(tmp_path), placement)[0]
         for name in saved:
             torch.testing.assert_close(loaded[name], saved[name], msg=f"{world} {placement} {name}")
+    # the consolidated export loads in one process, with Transformer's own keys
+    from smft_dist.model.hf import SMFTForCausalLM
+    from smft_dist.model.transformer import Transformer
+
+    hf = SMFTForCausalLM.from_pretrained(tmp_path / "hf").model
+    assert hf.state_dict().keys() == Transformer(tiny_job().model).state_dict().keys()
+    assert torch.equal(hf.value_tables["mem_values_1"].weight, saved["table.mem_values_1"])
+    assert all(torch.equal(p, saved[n]) for n, p in dense_state(hf).items())
 
 
 def _save_then_crash(rank: int, world: int, root: str) -> None:
