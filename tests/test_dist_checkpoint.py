@@ -14,8 +14,8 @@ from tests.distributed_helpers import B, batch, build, dense_state, rank_slice, 
 from tests.multiproc import run_ranks
 
 
-def _job(**kw):
-    job = tiny_job(**kw)
+def _job(method: str = "pretrain", **kw):
+    job = tiny_job(method, **kw)
     job.sparse_optim.type = "exact_rowwise_adagrad"  # optimizer state that matters on resume
     job.method.value_lr = 0.1
     return job
@@ -35,8 +35,8 @@ def _snapshot(par) -> dict:
     return state
 
 
-def _resume(rank: int, world: int, root: str, zero_stage: int) -> dict:
-    job = _job(zero_stage=zero_stage)
+def _resume(rank: int, world: int, root: str, method: str, zero_stage: int) -> dict:
+    job = _job(method, zero_stage=zero_stage)
     cfg = CheckpointConfig(dir=root, keep_last=2)
     _, straight = build(job)
     _steps(straight, rank, world, 0, 2)
@@ -53,9 +53,9 @@ def _resume(rank: int, world: int, root: str, zero_stage: int) -> dict:
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("zero_stage", [0, 2])
-def test_resume_equals_uninterrupted(tmp_path, zero_stage):
-    run_ranks(_resume, 2, str(tmp_path), zero_stage)
+@pytest.mark.parametrize("method, zero_stage", [("pretrain", 0), ("pretrain", 2), ("smft", 0)])
+def test_resume_equals_uninterrupted(tmp_path, method, zero_stage):
+    run_ranks(_resume, 2, str(tmp_path), method, zero_stage)
     assert (tmp_path / "latest").read_text() == "step_00000002"
 
 

@@ -58,6 +58,31 @@ def test_ranks_equal_one_process_nccl():
     run_ranks(_equivalence, min(2, torch.cuda.device_count()), 0, "cuda", backend="nccl")
 
 
+def _smft(rank: int, world: int) -> None:
+    reference, par = build(tiny_job("smft"))
+    table = par.tables["mem_values_1"]
+    init_rows, dense0 = table.full_weight().clone(), dense_state(par.model)
+    ids, mask, labels = batch(world * B, step=0)
+    ref_loss = reference_step(reference, ids, mask, labels)
+    loss = train_step(par, *(rank_slice(t, rank, world, world * B) for t in (ids, mask, labels)))
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    selected = par.model.memory_layers()[0].trainable_selector.selected
+    assert torch.equal(selected, reference.memory_layers()[0].trainable_selector.selected)
+    assert int(selected.sum()) == 6
+    rows = table.full_weight()
+    torch.testing.assert_close(rows, reference.value_tables["mem_values_1"].weight.detach())
+    changed = (rows != init_rows).any(1)
+    assert changed.any() and not (changed & ~selected).any(), "a row outside the top-t moved"
+    assert torch.equal(rows[~selected], init_rows[~selected])
+    assert all(torch.equal(p, dense0[n]) for n, p in dense_state(par.model).items()), "a frozen dense weight moved"
+
+
+@pytest.mark.multirank
+def test_smft_two_ranks_equal_one_process():
+    """Global slot counts -> the same top-t on every rank; only those rows move; dense stays frozen."""
+    run_ranks(_smft, 2)
+
+
 def _accumulation(rank: int, world: int) -> None:
     job = tiny_job(grad_accum_steps=2)
     _, par = build(job)
@@ -84,7 +109,7 @@ def _refuses_registered_tables(rank: int, world: int) -> None:
     _, par = build(job)
     par.model.bind_value_tables(par.tables, register=True)
     with pytest.raises(ValueError, match="TorchRec module"):
-        build_dense_engine(par.model, None, job.distributed, torch.device("cpu"))
+        build_dense_engine(par.model, torch.optim.SGD(par.model.parameters(), lr=1.0), job.distributed, torch.device("cpu"))
 
 
 @pytest.mark.multirank

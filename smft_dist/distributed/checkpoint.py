@@ -4,7 +4,8 @@ Layout (one directory per step, written atomically)::
 
     <dir>/step_00000100/manifest.json   step, world size, tables, every file with its size
                         tables/         torch.distributed.checkpoint (each rank writes its rows)
-                        dense/dense/    DeepSpeed checkpoint (module, optimizer partitions)
+                        dense/dense/    DeepSpeed checkpoint (module, optimizer partitions), or
+                        dense/model.safetensors   when the dense model is frozen (no engine)
     <dir>/latest                        "step_00000100", replaced only after a complete write
 
 All ranks write into ``<dir>/.tmp-step_XXXXXXXX``; rank 0 writes the manifest, renames the directory
@@ -24,6 +25,7 @@ import shutil
 from pathlib import Path
 
 import deepspeed
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -39,6 +41,7 @@ FORMAT_VERSION = 1
 LATEST = "latest"
 MANIFEST = "manifest.json"
 DENSE_TAG = "dense"
+FROZEN_DENSE = "dense/model.safetensors"  # when no dense parameter trains (no DeepSpeed engine)
 
 
 class CheckpointError(RuntimeError):
@@ -72,7 +75,11 @@ def save_checkpoint(par: Parallel, cfg: CheckpointConfig, step: int, model_cfg: 
         tmp.mkdir(parents=True)
     dist.barrier()
     dcp.save(_table_state(par), checkpoint_id=tmp / "tables")
-    par.engine.save_checkpoint(str(tmp / "dense"), tag=DENSE_TAG, save_latest=False)
+    if par.engine is not None:
+        par.engine.save_checkpoint(str(tmp / "dense"), tag=DENSE_TAG, save_latest=False)
+    elif rank == 0:  # frozen dense model: its weights alone
+        (tmp / "dense").mkdir()
+        safetensors.torch.save_model(par.model, str(tmp / FROZEN_DENSE))
     dist.barrier()
     if rank == 0:
         manifest = {
@@ -155,6 +162,12 @@ def load_checkpoint(par: Parallel, path: str | Path, load_optimizer: bool = True
     if not load_optimizer:
         state = {k: v for k, v in state.items() if ".optim." not in k}
     dcp.load(state, storage_reader=_SafeReader(path / "tables"), planner=_SafeLoadPlanner())
+    if par.engine is None:
+        dense = path / FROZEN_DENSE
+        if not dense.is_file():
+            raise CheckpointError(f"{dense}: missing (checkpoint saved with a trained dense model?)")
+        safetensors.torch.load_model(par.model, str(dense), device=str(next(par.model.parameters()).device))
+        return manifest
     par.engine.checkpoint_engine = _SafeDeepSpeedCheckpointEngine()
     zero = par.engine.zero_optimization_stage()
     same_world = manifest["world_size"] == dist.get_world_size()

@@ -31,13 +31,13 @@ def dense_dtype(cfg: DistributedConfig, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
 
 
-def deepspeed_config(cfg: DistributedConfig, device: torch.device, has_optimizer: bool) -> dict:
+def deepspeed_config(cfg: DistributedConfig, device: torch.device) -> dict:
     """The DeepSpeed config dict for ``cfg`` (we feed batches ourselves: micro batch size is nominal)."""
     return {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": cfg.grad_accum_steps,
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage if has_optimizer else 0},
+        "zero_optimization": {"stage": cfg.zero_stage},
         "zero_allow_untested_optimizer": True,  # the client optimizer comes from the training method
         "bf16": {"enabled": dense_dtype(cfg, device) == torch.bfloat16},
         "steps_per_print": 2**62,
@@ -47,18 +47,18 @@ def deepspeed_config(cfg: DistributedConfig, device: torch.device, has_optimizer
 
 def build_dense_engine(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | None,
+    optimizer: torch.optim.Optimizer,
     cfg: DistributedConfig,
     device: torch.device,
 ) -> deepspeed.DeepSpeedEngine:
-    """Wrap ``model`` (dense parameters only) in a DeepSpeed engine; ``optimizer`` None = frozen."""
+    """Wrap ``model`` (dense parameters only) in a DeepSpeed engine stepping ``optimizer``."""
     sharded = [name for name, m in model.named_modules() if isinstance(m, ShardedModule)]
     if sharded:
         raise ValueError(f"build_dense_engine: {sharded[0]!r} is a TorchRec module; bind value tables with register=False")
     engine, *_ = deepspeed.initialize(
         model=model.to(device),
         optimizer=optimizer,
-        config=deepspeed_config(cfg, device, optimizer is not None),
+        config=deepspeed_config(cfg, device),
         dist_init_required=False,
     )
     return engine
@@ -66,6 +66,5 @@ def build_dense_engine(
 
 def set_dense_lr(engine: deepspeed.DeepSpeedEngine, lr: float) -> None:
     """Learning rate of the next dense optimizer step."""
-    if engine.optimizer is not None:
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr

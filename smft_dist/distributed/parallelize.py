@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from smft_dist.config import JobConfig
-from smft_dist.distributed.dense import build_dense_engine, set_dense_lr
+from smft_dist.distributed.dense import build_dense_engine, dense_dtype, set_dense_lr
 from smft_dist.distributed.sharding import ShardedValueTable
 from smft_dist.model.transformer import Transformer, lm_loss
 from smft_dist.smft.methods import MethodPlan
@@ -17,14 +17,15 @@ from smft_dist.smft.methods import MethodPlan
 
 @dataclass
 class Parallel:
-    """A model ready to train: dense parameters under DeepSpeed, value tables under TorchRec."""
+    """A model ready to train: dense parameters under DeepSpeed, value tables under TorchRec.
 
-    engine: deepspeed.DeepSpeedEngine
+    ``engine`` is None when no dense parameter trains (smft, memory_ft): DeepSpeed would have nothing
+    to step and refuses a backward without an optimizer, so the model runs as is.
+    """
+
+    model: Transformer
+    engine: deepspeed.DeepSpeedEngine | None
     tables: dict[str, ShardedValueTable]
-
-    @property
-    def model(self) -> Transformer:
-        return self.engine.module
 
 
 def shard_value_tables(
@@ -56,10 +57,13 @@ def parallelize(
     """Shard the value tables and wrap the rest in DeepSpeed. ``dense_optimizer`` defaults to AdamW
     (``method.dense_lr``, betas, weight decay) over ``plan.dense_params``; none when they are frozen."""
     tables = shard_value_tables(model, cfg, device, plan.values_train)
-    if dense_optimizer is None and plan.dense_params:
+    if not plan.dense_params:
+        return Parallel(model.to(device, dense_dtype(cfg.distributed, device)), None, tables)
+    if dense_optimizer is None:
         m = cfg.method
         dense_optimizer = torch.optim.AdamW(plan.dense_params, lr=m.dense_lr, betas=tuple(m.betas), weight_decay=m.weight_decay)
-    return Parallel(build_dense_engine(model, dense_optimizer, cfg.distributed, device), tables)
+    engine = build_dense_engine(model, dense_optimizer, cfg.distributed, device)
+    return Parallel(engine.module, engine, tables)
 
 
 def train_step(
@@ -80,14 +84,19 @@ def train_step(
     if value_lr is not None:
         for table in par.tables.values():
             table.set_lr(value_lr)
-    if dense_lr is not None:
+    if dense_lr is not None and par.engine is not None:
         set_dense_lr(par.engine, dense_lr)
-    logits = par.engine(input_ids, attention_mask)
+    logits = (par.engine or par.model)(input_ids, attention_mask)
     loss_sum = lm_loss(logits, labels, reduction="sum")
     stats = torch.stack([loss_sum.detach().float(), (labels[:, 1:] != -100).sum().float()])
     dist.all_reduce(stats)
-    par.engine.backward(loss_sum * dist.get_world_size() / stats[1].clamp(min=1))
+    loss = loss_sum * dist.get_world_size() / stats[1].clamp(min=1)
+    if par.engine is None:
+        loss.backward()
+    else:
+        par.engine.backward(loss)
     for table in par.tables.values():
         table.step_replicated()
-    par.engine.step()
+    if par.engine is not None:
+        par.engine.step()
     return (stats[0] / stats[1].clamp(min=1)).item()
