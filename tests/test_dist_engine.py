@@ -7,7 +7,7 @@ import torch
 
 from smft_dist.distributed.dense import build_dense_engine
 from smft_dist.distributed.parallelize import train_step
-from tests.distributed_helpers import B, build, batch, dense_state, rank_slice, reference_step, tiny_job
+from tests.distributed_helpers import B, DENSE_LR, build, batch, dense_state, rank_slice, reference_step, tiny_job
 from tests.multiproc import run_ranks
 
 
@@ -102,6 +102,19 @@ def _accumulation(rank: int, world: int) -> None:
 @pytest.mark.multirank
 def test_gradient_accumulation_rows_step_every_micro_batch():
     run_ranks(_accumulation, 2)
+
+
+def _clipping(rank: int, world: int) -> None:
+    _, par = build(tiny_job(grad_clip=1e-3))
+    dense0 = dense_state(par.model)
+    train_step(par, *(rank_slice(t, rank, world, world * B) for t in batch(world * B, step=0)))
+    update = torch.cat([(p - dense0[n]).flatten() for n, p in dense_state(par.model).items()])
+    assert 0 < update.norm() <= DENSE_LR * 1e-3 * (1 + 1e-4)
+
+
+@pytest.mark.multirank
+def test_dense_gradient_clipping():
+    run_ranks(_clipping, 2)
 
 
 def _refuses_registered_tables(rank: int, world: int) -> None:
