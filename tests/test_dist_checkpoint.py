@@ -140,6 +140,20 @@ def test_errors_and_interrupted_save(tmp_path):
         ckpt.read_manifest(good)
 
 
+def _save_three(rank: int, world: int, root: str) -> None:
+    _, par = build(_job())
+    for step in (3, 4, 5):
+        ckpt.save_checkpoint(par, CheckpointConfig(dir=root, keep_last=2), step)
+
+
+@pytest.mark.multirank
+def test_keep_last_and_stale_temporaries(tmp_path):
+    (tmp_path / ".tmp-step_00000002").mkdir(parents=True)  # left by an interrupted save
+    run_ranks(_save_three, 1, str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000004", "step_00000005"]
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step_00000005"
+
+
 def test_loaders_refuse_arbitrary_objects(tmp_path):
     import pickle
 
