@@ -26,6 +26,8 @@ class Parallel:
     model: Transformer
     engine: deepspeed.DeepSpeedEngine | None
     tables: dict[str, ShardedValueTable]
+    values_train: bool = True  # False (lora): rows stay at lr 0 whatever value_lr a step passes
+    grad_accum_steps: int = 1  # micro-batches per step (DeepSpeed's own count when there is an engine)
 
 
 def shard_value_tables(
@@ -58,12 +60,13 @@ def parallelize(
     (``method.dense_lr``, betas, weight decay) over ``plan.dense_params``; none when they are frozen."""
     tables = shard_value_tables(model, cfg, device, plan.values_train)
     if not plan.dense_params:
-        return Parallel(model.to(device, dense_dtype(cfg.distributed, device)), None, tables)
+        model = model.to(device, dense_dtype(cfg.distributed, device))
+        return Parallel(model, None, tables, plan.values_train, cfg.distributed.grad_accum_steps)
     if dense_optimizer is None:
         m = cfg.method
         dense_optimizer = torch.optim.AdamW(plan.dense_params, lr=m.dense_lr, betas=tuple(m.betas), weight_decay=m.weight_decay)
     engine = build_dense_engine(model, dense_optimizer, cfg.distributed, device)
-    return Parallel(engine.module, engine, tables)
+    return Parallel(engine.module, engine, tables, plan.values_train, cfg.distributed.grad_accum_steps)
 
 
 def train_step(
@@ -79,9 +82,10 @@ def train_step(
     Value rows update inside the backward (fused optimizer); the dense optimizer steps at the
     gradient-accumulation boundary. The local loss is the token sum over the *global* token count
     times the world size, so the ranks' averaged gradients equal one process over the global batch
-    even when ranks hold different numbers of label tokens.
+    even when ranks hold different numbers of label tokens. Every rank must pass the same batch
+    shape (TorchRec's row-wise lookup expects as many bags from every rank).
     """
-    if value_lr is not None:
+    if value_lr is not None and par.values_train:
         for table in par.tables.values():
             table.set_lr(value_lr)
     if dense_lr is not None and par.engine is not None:
@@ -92,7 +96,7 @@ def train_step(
     dist.all_reduce(stats)
     loss = loss_sum * dist.get_world_size() / stats[1].clamp(min=1)
     if par.engine is None:
-        loss.backward()
+        (loss / par.grad_accum_steps).backward()  # as DeepSpeed scales it
     else:
         par.engine.backward(loss)
     for table in par.tables.values():
