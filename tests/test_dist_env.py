@@ -53,3 +53,26 @@ def test_slurm_head_node_from_nodelist(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
     env = detect_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1", "SLURM_NODELIST": "gpu-[017-018]"})
     assert env.master_addr == "gpu-017"
+
+
+def test_init_distributed_single_process_exports_the_launch_variables(monkeypatch):
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from smft_dist.distributed.env import init_distributed
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    saved = dict(os.environ)
+    try:
+        env, device = init_distributed()
+        expected = ("nccl", "cuda") if torch.cuda.is_available() else ("gloo", "cpu")
+        assert (env.launcher, dist.get_world_size(), (dist.get_backend(), device.type)) == ("single", 1, expected)
+        assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]) == ("0", "0", "1")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(saved)

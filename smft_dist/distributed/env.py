@@ -97,9 +97,15 @@ def free_port() -> int:
 def init_distributed(backend: str = "auto", env: DistEnv | None = None, timeout_s: float = 600) -> tuple[DistEnv, torch.device]:
     """Start the default process group (NCCL on CUDA, gloo on CPU); return the env and device.
 
-    Idempotent: an already initialised group is reused. Sets the CUDA device to the local rank.
+    Idempotent: an already initialised group is reused. Sets the CUDA device to the local rank and
+    exports the torchrun variables (DeepSpeed reads ``LOCAL_RANK`` from the environment), so a SLURM
+    or single-process launch looks the same to every library.
     """
     env = env or detect_env()
+    os.environ.update(
+        RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+        MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port),
+    )
     if torch.cuda.is_available():
         device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
