@@ -243,6 +243,84 @@ class EvalConfig:
             task.validate(f"eval.tasks[{i}]")
 
 
+# ----------------------------------------------------------------------------------- distributed
+SPARSE_OPTIMIZERS = ("exact_sgd", "exact_rowwise_adagrad", "adam", "partial_rowwise_adam")
+
+
+@dataclass
+class DistributedConfig:
+    """Process group, value-table placement and the DeepSpeed engine over the dense parameters."""
+
+    backend: str = "auto"  # auto = nccl on CUDA, gloo on CPU
+    table_placement: str = "row_wise"  # row_wise (sharded over all ranks) | data_parallel (replicated)
+    zero_stage: int = 0  # DeepSpeed ZeRO stage for the dense parameters: 0, 1 or 2
+    dtype: str = "auto"  # dense training dtype: auto = bf16 on CUDA, fp32 on CPU; or fp32 | bf16
+    grad_clip: float = 1.0  # max global grad norm of the dense parameters; 0 = off
+    grad_accum_steps: int = 1  # micro-batches per dense optimizer step
+
+    def validate(self) -> None:
+        _require(self.backend in ("auto", "nccl", "gloo"), "distributed.backend", f"{self.backend!r} is not auto|nccl|gloo")
+        _require(self.table_placement in ("row_wise", "data_parallel"), "distributed.table_placement", f"{self.table_placement!r} is not row_wise|data_parallel")
+        _require(self.zero_stage in (0, 1, 2), "distributed.zero_stage", f"{self.zero_stage} is not 0, 1 or 2")
+        _require(self.dtype in ("auto", "fp32", "bf16"), "distributed.dtype", f"{self.dtype!r} is not auto|fp32|bf16")
+        _require(self.grad_clip >= 0, "distributed.grad_clip", "must be >= 0")
+        _require(self.grad_accum_steps >= 1, "distributed.grad_accum_steps", "must be >= 1")
+
+
+@dataclass
+class SparseOptimConfig:
+    """FBGEMM's fused optimizer for value rows (lr: ``method.value_lr``); it updates rows inside the
+    backward pass."""
+
+    type: str = "exact_sgd"  # exact_sgd | exact_rowwise_adagrad (CPU and CUDA); adam | partial_rowwise_adam (CUDA)
+    eps: float = 1e-8
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+
+    def validate(self) -> None:
+        _require(self.type in SPARSE_OPTIMIZERS, "sparse_optim.type", f"{self.type!r} is not one of {'|'.join(SPARSE_OPTIMIZERS)}")
+        _require(self.eps > 0, "sparse_optim.eps", "must be positive")
+
+
+@dataclass
+class CheckpointConfig:
+    """Step checkpoints: ``dir/step_XXXXXXXX`` plus a ``latest`` pointer."""
+
+    dir: str = "checkpoints"
+    interval: int = 0  # steps between saves; 0 = only at the end
+    keep_last: int = 3  # complete checkpoints kept; 0 = keep all
+
+    def validate(self) -> None:
+        _require(self.interval >= 0, "checkpoint.interval", "must be >= 0")
+        _require(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+
+
+# ----------------------------------------------------------------------------------------- train
+@dataclass
+class TrainConfig:
+    """The loop: how long, on which stream, LR schedule, logging and where outputs go."""
+
+    steps: int = 100  # optimizer steps (global batches) to run
+    stream: str = "continual"  # data stream to train on: continual | pretrain
+    seed: int = 0
+    out_dir: str = "runs/default"  # metrics.jsonl, tensorboard/, hf/ (export)
+    init_from: str | None = None  # save_pretrained directory to start from; None = fresh init
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # constant | cosine | linear (after warmup)
+    min_lr_ratio: float = 0.0  # floor of cosine / linear decay, as a fraction of the base lr
+    log_every: int = 10
+    export_hf: bool = True  # write a consolidated save_pretrained model to out_dir/hf at the end
+
+    def validate(self) -> None:
+        _require(self.steps >= 0, "train.steps", "must be >= 0")
+        _require(self.stream in ("continual", "pretrain"), "train.stream", f"{self.stream!r} is not continual|pretrain")
+        _require(self.lr_schedule in ("constant", "cosine", "linear"), "train.lr_schedule", f"{self.lr_schedule!r} is not constant|cosine|linear")
+        _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
+        _require(self.log_every > 0, "train.log_every", "must be positive")
+
+
 # ------------------------------------------------------------------------------------------- job
 @dataclass
 class JobConfig:
@@ -252,12 +330,16 @@ class JobConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    sparse_optim: SparseOptimConfig = field(default_factory=SparseOptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> None:
         self.model.validate()
         self.method.validate()
-        self.data.validate()
-        self.eval.validate()
+        for section in (self.data, self.eval, self.distributed, self.sparse_optim, self.checkpoint, self.train):
+            section.validate()
 
 
 # --------------------------------------------------------------------------------------- loading

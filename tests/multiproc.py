@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import socket
 import tempfile
 from typing import Any, Callable
@@ -18,20 +19,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: tuple, backend: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      DS_ACCELERATOR="cuda" if backend == "nccl" else "cpu")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        result = fn(rank, world, *args)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    result = fn(rank, world, *args)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+    # After TorchRec/FBGEMM CPU work a normal interpreter exit sometimes aborts in a C++ static
+    # destructor ("terminate called without an active exception", SIGABRT/SIGBUS) once all work is
+    # done; a rank that finished cleanly leaves without running destructors.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
-def run_ranks(fn: Callable[..., Any], world: int, *args: Any) -> list[Any]:
-    """Spawn ``world`` gloo processes running ``fn(rank, world, *args)``; return their results."""
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any, backend: str = "gloo") -> list[Any]:
+    """Spawn ``world`` processes (gloo, or nccl with one GPU each) running ``fn(rank, world, *args)``;
+    return their results."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_entry, args=(world, free_port(), out_dir, fn, args), nprocs=world, join=True)
+        mp.spawn(_entry, args=(world, free_port(), out_dir, fn, args, backend), nprocs=world, join=True)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]

@@ -1,0 +1,70 @@
+"""The DeepSpeed engine over the dense parameters only.
+
+``deepspeed.initialize`` broadcasts every registered parameter from rank 0, casts it to the training
+dtype and saves module weights from rank 0 only; on a row-sharded value table that would overwrite
+or drop shards. The model given here must therefore have its value tables bound but *not*
+registered (``Transformer.bind_value_tables(tables, register=False)``); :func:`build_dense_engine`
+refuses a module that still holds a TorchRec module.
+
+Gradient accumulation: DeepSpeed divides each micro-batch loss by ``grad_accum_steps`` and steps
+the dense optimizer once per ``grad_accum_steps`` backward passes. The fused FBGEMM optimizer of the
+value rows has no such boundary: it updates the rows inside *every* backward, with the 1/GAS-scaled
+gradient of that micro-batch. So over one accumulation window the rows take GAS small steps (later
+micro-batches already read the updated rows), while the dense parameters take one step of the
+summed gradient. For SGD the two agree to first order in the lr.
+"""
+
+from __future__ import annotations
+
+import deepspeed
+import torch
+from torch import nn
+from torchrec.distributed.types import ShardedModule
+
+from smft_dist.config import DistributedConfig
+
+
+def dense_dtype(cfg: DistributedConfig, device: torch.device) -> torch.dtype:
+    """Training dtype of the dense parameters: ``auto`` = bf16 on CUDA, fp32 on CPU."""
+    if cfg.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
+
+
+def deepspeed_config(cfg: DistributedConfig, device: torch.device) -> dict:
+    """The DeepSpeed config dict for ``cfg`` (we feed batches ourselves: micro batch size is nominal)."""
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_allow_untested_optimizer": True,  # the client optimizer comes from the training method
+        "bf16": {"enabled": dense_dtype(cfg, device) == torch.bfloat16},
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_dense_engine(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    cfg: DistributedConfig,
+    device: torch.device,
+) -> deepspeed.DeepSpeedEngine:
+    """Wrap ``model`` (dense parameters only) in a DeepSpeed engine stepping ``optimizer``."""
+    sharded = [name for name, m in model.named_modules() if isinstance(m, ShardedModule)]
+    if sharded:
+        raise ValueError(f"build_dense_engine: {sharded[0]!r} is a TorchRec module; bind value tables with register=False")
+    engine, *_ = deepspeed.initialize(
+        model=model.to(device),
+        optimizer=optimizer,
+        config=deepspeed_config(cfg, device),
+        dist_init_required=False,
+    )
+    return engine
+
+
+def set_dense_lr(engine: deepspeed.DeepSpeedEngine, lr: float) -> None:
+    """Learning rate of the next dense optimizer step."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr

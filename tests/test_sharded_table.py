@@ -1,0 +1,73 @@
+"""The TorchRec value table equals the local one: lookups, score gradients, fused row updates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from smft_dist.config import SparseOptimConfig
+from smft_dist.distributed.sharding import ShardedValueTable, fused_params
+from smft_dist.model.value_table import LocalValueTable
+from tests.multiproc import run_ranks
+
+N, D, T, K, LR = 23, 8, 6, 5, 0.5  # 23 rows: uneven row-wise shards (12 + 11)
+
+
+def _lookup_and_update(rank: int, world: int, placement: str) -> None:
+    for smft in (False, True):
+        _check_lookup_and_update(rank, world, placement, smft)
+
+
+def _check_lookup_and_update(rank: int, world: int, placement: str, smft: bool) -> None:
+    torch.manual_seed(0)
+    ref = LocalValueTable(N, D)
+    idx, w = torch.randint(0, N, (world * T, K)), torch.randn(world * T, K)
+    valid = torch.rand(world * T) > 0.2
+    trainable = (idx % 3 != 0) if smft else None
+    probe = torch.randn(world * T, D)
+    w_ref = w.clone().requires_grad_()
+    out_ref = ref(idx, w_ref, valid, trainable)
+    ((out_ref * probe).sum() / world).backward()  # the global loss: mean of the ranks' losses
+    expected = ref.weight.detach() - LR * ref.weight.grad
+
+    table = ShardedValueTable("mem_values", ref.weight.detach().clone(), SparseOptimConfig(), LR, placement)
+    mine = slice(rank * T, (rank + 1) * T)
+    w_mine = w[mine].clone().requires_grad_()
+    out = table(idx[mine], w_mine, valid[mine], None if trainable is None else trainable[mine])
+    torch.testing.assert_close(out, out_ref[mine].detach())
+    (out * probe[mine]).sum().backward()
+    table.step_replicated()
+    # Scores are rank-local: each rank gets d(its loss)/d(its scores), i.e. world x the global-mean grad.
+    torch.testing.assert_close(w_mine.grad, world * w_ref.grad[mine])
+    torch.testing.assert_close(table.full_weight(), expected)
+    if smft:  # frozen rows untouched, bit for bit
+        frozen_only = torch.ones(N, dtype=torch.bool)
+        frozen_only[idx[trainable & valid[:, None]]] = False
+        assert torch.equal(table.full_weight()[frozen_only], ref.weight.detach()[frozen_only])
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("placement", ["row_wise", "data_parallel"])
+def test_sharded_table_matches_local(placement):
+    for world in (1, 2):
+        run_ranks(_lookup_and_update, world, placement)
+
+
+def _lr_schedule(rank: int, world: int) -> None:
+    init = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    table = ShardedValueTable("mem_values", init, SparseOptimConfig(), 1.0)
+    table.set_lr(0.25)
+    table(torch.tensor([[rank]]), torch.ones(1, 1)).sum().backward()
+    moved = (table.full_weight() - init)[:world]
+    torch.testing.assert_close(moved, torch.full_like(moved, -0.25 / world))  # grads are a mean over ranks
+
+
+@pytest.mark.multirank
+def test_set_lr_applies_to_the_next_backward():
+    run_ranks(_lr_schedule, 2)
+
+
+def test_adam_on_cpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="no adam kernel on cpu"):
+        fused_params(SparseOptimConfig(type="adam"), 1e-3, "cpu")
+    assert fused_params(SparseOptimConfig(type="adam"), 1e-3, "cuda")["beta2"] == 0.999
