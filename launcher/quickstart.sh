@@ -1,7 +1,26 @@
 #!/usr/bin/env bash
-# Set up, then run the main job on the embedded default (CPU, bundled synthetic data).
+# Set up, then run the main job on the embedded default (CPU, bundled synthetic data):
+#   1. generate the synthetic world (known facts, new facts, background text) and its tokenizer;
+#   2. pretrain a tiny memory model on it (cached in runs/quickstart/pretrain);
+#   3. collect background df statistics;
+#   4. learn the new facts by sparse memory finetuning, one fact per step;
+#   5. print learning (new facts) and forgetting (known facts, held-out text) before vs after.
+# Extra key=value arguments go to stage 4, e.g. `method.top_t=128` or `method.name=full_ft`.
+# NPROC=2 runs stages 2-4 on 2 gloo processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launcher/setup.sh
-export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m smft_dist.demo --config configs/tiny_cpu.yaml "$@"
+export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
+PY=.venv/bin/python
+RUN=(.venv/bin/torchrun --standalone --nproc-per-node "${NPROC:-1}")
+DATA=data/quickstart OUT=runs/quickstart
+
+[[ -f $DATA/facts_new.jsonl ]] || $PY -m smft_dist.data.synthetic --out "$DATA" --size small
+[[ -f $OUT/pretrain/hf/config.json ]] || "${RUN[@]}" -m smft_dist.train --config configs/quickstart_pretrain.yaml
+[[ -f $OUT/background.safetensors ]] || \
+  "${RUN[@]}" -m smft_dist.background --config configs/quickstart_smft.yaml --out "$OUT/background.safetensors" --batches 1000
+rm -rf "$OUT/smft" "$OUT/before.jsonl"
+$PY -m smft_dist.evaluate --config configs/quickstart_smft.yaml --model "$OUT/pretrain/hf" --out "$OUT/before.jsonl" > /dev/null
+"${RUN[@]}" -m smft_dist.train --config configs/quickstart_smft.yaml "$@"
+$PY -m smft_dist.eval.report "$OUT/before.jsonl" "$OUT/smft/metrics.jsonl"
+echo "TensorBoard: .venv/bin/tensorboard --logdir $OUT"

@@ -3,7 +3,8 @@
     python -m smft_dist.evaluate --config configs/tiny.yaml --model runs/x/hf [--step N]
         [--out results.jsonl] [--tensorboard DIR] [key=value ...]
 
-Under torchrun every rank evaluates a disjoint shard; rank 0 writes the results.
+The model is loaded whole (local value tables) on every rank; under torchrun / SLURM every rank
+evaluates a disjoint shard of each task and rank 0 writes the results.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import json
 import os
 
 import torch.distributed as dist
+from transformers import AutoModelForCausalLM
 
+import smft_dist.model  # noqa: F401  (registers smft_memory with the Auto* classes)
 from smft_dist.config import load_config
 from smft_dist.data.tokenizer import load_tokenizer
+from smft_dist.distributed.env import init_distributed
 from smft_dist.eval.runner import log_results, run_eval
 
 
@@ -34,11 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")  # eval sums are tiny; the model runs wherever it was loaded
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(args.model)
+    device = None
+    if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1:
+        _, device = init_distributed(cfg.distributed.backend)
+    model = AutoModelForCausalLM.from_pretrained(args.model).to(device or "cpu")
     tokenizer = load_tokenizer(args.tokenizer or cfg.data.tokenizer or args.model)
     results = run_eval(model, tokenizer, cfg.eval, cache_dir=cfg.data.cache_dir)
     writer = None

@@ -17,9 +17,11 @@ import torch
 import torch.distributed as dist
 
 from smft_dist.config import JobConfig, TrainConfig, load_config
+from smft_dist.data import build_stream, load_tokenizer
 from smft_dist.distributed.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from smft_dist.distributed.env import init_distributed
-from smft_dist.distributed.parallelize import parallelize, train_step
+from smft_dist.distributed.parallelize import Parallel, parallelize, train_step
+from smft_dist.eval import run_eval
 from smft_dist.metrics import MetricLogger
 from smft_dist.model.hf import SMFTForCausalLM
 from smft_dist.model.transformer import Transformer
@@ -49,3 +51,103 @@ def build_model(cfg: JobConfig) -> Transformer:
         return model
     torch.manual_seed(cfg.train.seed)
     return Transformer(cfg.model)
+
+
+def data_state(stream, world: int) -> list[dict]:
+    """Every rank's stream position (they differ for streaming sources), gathered on all ranks."""
+    states: list[dict] = [{} for _ in range(world)]
+    dist.all_gather_object(states, stream.state_dict())
+    return states
+
+
+def restore_data_state(stream, states: list[dict], rank: int, world: int) -> None:
+    if len(states) == world:
+        stream.load_state_dict(states[rank])
+    elif all(s == states[0] for s in states):
+        stream.load_state_dict(states[0])
+    else:
+        raise ValueError(f"checkpoint: per-rank data positions of {len(states)} ranks cannot resume on {world} ranks")
+
+
+def train(cfg: JobConfig) -> dict[str, float]:
+    """Run ``cfg.train.steps`` steps (resuming from the latest checkpoint); returns the last metrics."""
+    env, device = init_distributed(cfg.distributed.backend)
+    model = build_model(cfg)
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if len(tokenizer) > cfg.model.vocab_size:
+        raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    background = BackgroundStats.load(cfg.method.background) if cfg.method.background else None
+    progress = {"step": 0}
+    plan = apply_method(model, cfg.method, background, seed_fn=lambda: cfg.train.seed * 1_000_003 + progress["step"])
+    par = parallelize(model, cfg, plan, device)
+    stream_cfg = cfg.data.continual if cfg.train.stream == "continual" else cfg.data.pretrain
+    stream = build_stream(stream_cfg, tokenizer, rank=env.rank, world_size=env.world_size, seed=cfg.data.seed,
+                          cache_dir=cfg.data.cache_dir, num_proc=cfg.data.num_proc)
+    if (ckpt := latest_checkpoint(cfg.checkpoint.dir)) is not None:
+        manifest = load_checkpoint(par, ckpt)
+        progress["step"] = manifest["step"]
+        restore_data_state(stream, manifest["trainer"]["data"], env.rank, env.world_size)
+    logger = MetricLogger(cfg.train.out_dir, env.is_main)
+    if env.is_main:
+        print(f"train: {cfg.method.name} on {cfg.train.stream} stream, {env.world_size} rank(s) on {device.type}, "
+              f"from step {progress['step']} to {cfg.train.steps}", flush=True)
+
+    def checkpoint() -> None:
+        trainer = {"data": data_state(stream, env.world_size), "background": cfg.method.background}
+        save_checkpoint(par, cfg.checkpoint, progress["step"], cfg.model, trainer)
+
+    metrics: dict[str, float] = {}
+    batches, tokens, t0 = iter(stream), 0, time.perf_counter()
+    while progress["step"] < cfg.train.steps:
+        batch = next(batches, None)
+        if batch is None:  # epoch boundary: the stream starts its next epoch
+            batches = iter(stream)
+            continue
+        mult = lr_multiplier(progress["step"], cfg.train)
+        loss = train_step(par, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device),
+                          dense_lr=cfg.method.dense_lr * mult, value_lr=cfg.method.value_lr * mult)
+        progress["step"] += 1
+        step = progress["step"]
+        tokens += int(batch["attention_mask"].sum()) * env.world_size
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            elapsed = time.perf_counter() - t0
+            metrics = {"loss": loss, "lr_mult": mult, "tokens_per_s": tokens / elapsed}
+            for i, sel in plan.selectors.items():
+                metrics[f"rows_trained/layer{i}"] = float(sel.selected.sum())
+                metrics[f"slots_accessed/layer{i}"] = float((sel.counts > 0).sum())
+            logger.log(step, metrics)
+            tokens, t0 = 0, time.perf_counter()
+        if cfg.eval.tasks and cfg.eval.every and step % cfg.eval.every == 0:
+            logger.log(step, evaluate(par, tokenizer, cfg), prefix="eval")
+        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+            checkpoint()
+    if cfg.eval.tasks:
+        final = evaluate(par, tokenizer, cfg)
+        logger.log(progress["step"], final, prefix="eval")
+        metrics.update({f"eval/{k}": v for k, v in final.items()})
+    checkpoint()
+    if cfg.train.export_hf:
+        export_hf(par, cfg.model, Path(cfg.train.out_dir) / "hf")
+    logger.close()
+    return metrics
+
+
+def evaluate(par: Parallel, tokenizer, cfg: JobConfig) -> dict[str, float]:
+    """The configured eval tasks on the model being trained. Row-sharded lookups are collective,
+    so then every rank evaluates every example in lockstep; otherwise ranks split the examples."""
+    collective = dist.get_world_size() > 1 and any(t.placement == "row_wise" for t in par.tables.values())
+    return run_eval(par.model, tokenizer, cfg.eval, cache_dir=cfg.data.cache_dir, shard=not collective)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True, help="YAML file in configs/")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.top_t=100")
+    args = p.parse_args(argv)
+    train(load_config(args.config, args.overrides))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -124,12 +124,14 @@ class World:
         self.size = size
 
     def facts(self, person: dict) -> list[dict]:
-        """One ``facts`` record per attribute of ``person``."""
+        """One ``facts`` record per attribute of ``person``; the last paraphrase is the question/answer
+        form, so a small model can be probed by QA after learning from the paraphrases."""
         out = []
         for attr, (templates, question) in TEMPLATES.items():
             n, v = person["name"], person[attr]
-            paraphrases = [t.format(n=n, v=v) for t in templates]
-            out.append({"fact": paraphrases[0], "paraphrases": paraphrases, "question": question.format(n=n), "answer": v})
+            q = question.format(n=n)
+            paraphrases = [t.format(n=n, v=v) for t in templates] + [f"Question: {q}\nAnswer: {v}"]
+            out.append({"fact": paraphrases[0], "paraphrases": paraphrases, "question": q, "answer": v})
         return out
 
     def bio(self, person: dict) -> str:
@@ -139,7 +141,7 @@ class World:
         return " ".join(sentences)
 
     def qa_text(self, person: dict) -> str:
-        return "\n".join(f"Question: {f['question']}\nAnswer: {f['answer']}" for f in self.facts(person))
+        return "\n".join(f["paraphrases"][-1] for f in self.facts(person))
 
     def background_doc(self) -> str:
         """A few generic sentences: places, weather, arithmetic."""

@@ -64,8 +64,14 @@ def _table_state(par: Parallel) -> dict:
     return state
 
 
-def save_checkpoint(par: Parallel, cfg: CheckpointConfig, step: int, model_cfg: ModelConfig | None = None) -> Path:
-    """Write ``<cfg.dir>/step_<step>`` from all ranks, point ``latest`` at it, keep the last K."""
+def save_checkpoint(
+    par: Parallel, cfg: CheckpointConfig, step: int, model_cfg: ModelConfig | None = None, trainer: dict | None = None
+) -> Path:
+    """Write ``<cfg.dir>/step_<step>`` from all ranks, point ``latest`` at it, keep the last K.
+
+    ``trainer`` (JSON-serializable: data position, background statistics path, ...) goes into the
+    manifest and comes back from :func:`load_checkpoint`.
+    """
     root = Path(cfg.dir)
     final, tmp = root / step_dir_name(step), root / f".tmp-{step_dir_name(step)}"
     rank = dist.get_rank()
@@ -87,6 +93,7 @@ def save_checkpoint(par: Parallel, cfg: CheckpointConfig, step: int, model_cfg: 
             "world_size": dist.get_world_size(),
             "tables": {n: {"num_rows": t.num_rows, "dim": t.dim, "placement": t.placement} for n, t in par.tables.items()},
             "model": to_dict(model_cfg) if model_cfg is not None else None,
+            "trainer": trainer or {},
             "files": {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()},
         }
         _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
