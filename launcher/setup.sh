@@ -13,7 +13,8 @@
 #   5. the rest, constrained to the torch already installed; then this package, editable.
 # A stamp of this file + pyproject.toml makes a second run on a ready environment a no-op.
 #
-# Env: SMFT_DEVICE=cpu|cuda (default cpu), SMFT_VENV (default .venv), PYTHON (default python3).
+# Env: SMFT_DEVICE=cpu|cuda (default cpu), SMFT_VENV (default .venv), PYTHON (default python3),
+#      SMFT_TORCH_PIP_ARGS (extra pip options for the torch stage).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE="${SMFT_DEVICE:-cpu}"
@@ -45,12 +46,10 @@ echo "torch==${TORCH_VERSION}" > "$CONSTRAINTS"
 
 echo "setup.sh: [1/5] torch ${TORCH_VERSION} ($DEVICE)"
 "${PIP[@]}" --upgrade pip wheel setuptools
-if [[ "$DEVICE" == cuda ]]; then
-  "${PIP[@]}" "torch==${TORCH_VERSION}" --index-url "${SMFT_TORCH_INDEX:-https://download.pytorch.org/whl/cu128}" \
-    --extra-index-url https://pypi.org/simple
-else
-  "${PIP[@]}" "torch==${TORCH_VERSION}"
-fi
+# PyPI's Linux torch wheel is the CUDA build; a machine with a local CPU wheel (find-links) takes
+# that one. SMFT_TORCH_PIP_ARGS adds pip options, e.g. an --index-url of a CUDA-specific mirror.
+# shellcheck disable=SC2086
+"${PIP[@]}" ${SMFT_TORCH_PIP_ARGS:-} "torch==${TORCH_VERSION}"
 echo "setup.sh: [2/5] $FBGEMM_PKG"
 "${PIP[@]}" -c "$CONSTRAINTS" "$FBGEMM_PKG"
 echo "setup.sh: [3/5] torchrec ${TORCHREC_VERSION} (--no-deps) + its runtime deps"
@@ -64,6 +63,7 @@ echo "setup.sh: [5/5] transformers, datasets, tensorboard, peft, pytest, smft-di
 "${PIP[@]}" -c "$CONSTRAINTS" transformers tokenizers datasets tensorboard peft safetensors pyyaml \
   pytest pytest-timeout
 "${PIP[@]}" -c "$CONSTRAINTS" --no-deps --no-build-isolation -e .
+"$PY" -m pip check 2>&1 | grep -v "torchrec .* requires fbgemm-gpu, which is not installed" | grep -v "^No broken" || true
 
 DS_ACCELERATOR="${DS_ACCELERATOR:-$DEVICE}" "$PY" -m smft_dist.doctor
 echo "$WANT" > "$STAMP"

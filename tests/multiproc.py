@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import socket
 import tempfile
 from typing import Any, Callable
 
@@ -12,11 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from smft_dist.distributed.env import free_port
 
 
 def _entry(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: tuple, backend: str) -> None:

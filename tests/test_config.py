@@ -1,6 +1,9 @@
 """Typed config loading, overrides and validation errors that name the field."""
 
+from pathlib import Path
+
 import pytest
+import torch
 
 from smft_dist.config import ConfigError, JobConfig, MemoryConfig, ModelConfig, load_config
 from smft_dist.model import LocalValueTable, Transformer
@@ -47,3 +50,19 @@ def test_shared_pool_with_mismatched_dims_is_rejected():
 def test_missing_config_file_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, JobConfig)
+
+
+def test_paper_config_is_the_papers_model():
+    cfg = load_config(Path(__file__).parent.parent / "configs/paper_1p3b.yaml").model
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    dense = sum(p.numel() for _, p in model.dense_parameters())
+    values = sum(p.numel() for p in model.value_tables.parameters())
+    assert cfg.memory.num_slots == 1024**2 and values == 1024**2 * 1024
+    assert 1.0e9 < dense < 1.6e9, dense
