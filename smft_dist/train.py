@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from smft_dist.config import JobConfig, TrainConfig, load_config
-from smft_dist.data import build_stream, load_tokenizer
-from smft_dist.distributed.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
-from smft_dist.distributed.env import init_distributed
+from smft_dist.config import ConfigError, JobConfig, TrainConfig, load_config
+from smft_dist.data import DataError, build_stream, load_tokenizer
+from smft_dist.distributed.checkpoint import CheckpointError, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from smft_dist.distributed.env import LaunchError, init_distributed
 from smft_dist.distributed.parallelize import Parallel, parallelize, train_step
 from smft_dist.eval import run_eval
 from smft_dist.metrics import MetricLogger
@@ -45,7 +45,7 @@ def build_model(cfg: JobConfig) -> Transformer:
     if cfg.train.init_from:
         path = Path(cfg.train.init_from)
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"train.init_from: {path} is not a save_pretrained directory (no config.json)")
+            raise ConfigError(f"train.init_from: {path} is not a save_pretrained directory (no config.json)")
         model = SMFTForCausalLM.from_pretrained(str(path)).model
         cfg.model = model.cfg
         return model
@@ -66,17 +66,17 @@ def restore_data_state(stream, states: list[dict], rank: int, world: int) -> Non
     elif all(s == states[0] for s in states):
         stream.load_state_dict(states[0])
     else:
-        raise ValueError(f"checkpoint: per-rank data positions of {len(states)} ranks cannot resume on {world} ranks")
+        raise CheckpointError(f"checkpoint: per-rank data positions of {len(states)} ranks cannot resume on {world} ranks")
 
 
 def train(cfg: JobConfig) -> dict[str, float]:
     """Run ``cfg.train.steps`` steps (resuming from the latest checkpoint); returns the last metrics."""
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    background = BackgroundStats.load(cfg.method.background) if cfg.method.background else None
     env, device = init_distributed(cfg.distributed.backend)
     model = build_model(cfg)
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
     if len(tokenizer) > cfg.model.vocab_size:
-        raise ValueError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
-    background = BackgroundStats.load(cfg.method.background) if cfg.method.background else None
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
     progress = {"step": 0}
     plan = apply_method(model, cfg.method, background, seed_fn=lambda: cfg.train.seed * 1_000_003 + progress["step"])
     par = parallelize(model, cfg, plan, device)
@@ -139,14 +139,22 @@ def evaluate(par: Parallel, tokenizer, cfg: JobConfig) -> dict[str, float]:
     return run_eval(par.model, tokenizer, cfg.eval, cache_dir=cfg.data.cache_dir, shard=not collective)
 
 
+# Bad input (config, data, checkpoint, launch environment): one line naming it, no traceback.
+USER_ERRORS = (ConfigError, DataError, CheckpointError, LaunchError, FileNotFoundError)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="YAML file in configs/")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. method.top_t=100")
     args = p.parse_args(argv)
-    train(load_config(args.config, args.overrides))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        train(load_config(args.config, args.overrides))
+    except USER_ERRORS as e:
+        raise SystemExit(f"smft_dist.train: {e}") from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

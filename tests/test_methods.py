@@ -6,7 +6,7 @@ import torch
 from smft_dist.config import MemoryConfig, MethodConfig, ModelConfig
 from smft_dist.model import Transformer, lm_loss
 from smft_dist.smft.background import BackgroundStats
-from smft_dist.smft.methods import apply_method, build_local_optimizers
+from smft_dist.smft.methods import apply_method, build_local_optimizers, merged_state_dict
 
 CFG = ModelConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, memory=MemoryConfig(layers=[1], n_keys=8, topk=2, heads=2, k_dim=8))
 TABLE = "value_tables.mem_values_1.bag.weight"
@@ -66,3 +66,13 @@ def test_lora_trains_only_adapters():
 def test_tfidf_without_background_is_a_clear_error():
     with pytest.raises(ValueError, match="method.background"):
         apply_method(Transformer(CFG), MethodConfig(name="smft", ranking="tfidf"))
+
+
+def test_lora_merges_into_plain_weights_for_export():
+    model, _, _, _ = _step(MethodConfig(name="lora", lora_rank=2, dense_lr=1e-2))
+    ids = torch.randint(0, 64, (2, 8))
+    state = merged_state_dict(model)  # lora_B moved in the step, so the adapters change the output
+    plain = Transformer(CFG)
+    plain.load_state_dict(state, strict=True)
+    torch.testing.assert_close(plain(ids), model(ids), atol=1e-5, rtol=1e-5)
+    assert any("lora_" in n for n, _ in model.named_parameters()), "the trained model keeps its adapters"

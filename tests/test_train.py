@@ -107,3 +107,17 @@ def test_smft_run_with_background_eval_and_export(world, tmp_path):
         if name != TABLE:
             assert torch.equal(before[name], after[name]), f"{name} changed under SMFT"
     assert any((smft / "tensorboard").iterdir())
+
+
+def test_bad_input_is_one_line_naming_it(world, tmp_path):
+    from smft_dist.train import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method:\n  name: smft\n  top_t: 0\n")
+    with pytest.raises(SystemExit, match=r"^smft_dist.train: method.top_t: must be positive$"):
+        main(["--config", str(bad)])
+    with pytest.raises(SystemExit, match=r"^smft_dist.train: data.tokenizer: not set"):
+        main(["--config", str(bad), "method.top_t=5"])
+    missing = ["method.top_t=5", f"data.tokenizer={world}/tokenizer", f"method.background={tmp_path}/nope.safetensors"]
+    with pytest.raises(SystemExit, match=r"nope.safetensors: not found"):
+        main(["--config", str(bad), *missing])

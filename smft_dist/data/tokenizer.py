@@ -8,6 +8,8 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from smft_dist.config import ConfigError
+
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 
 
@@ -32,7 +34,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Any HF tokenizer from a local directory (or hub name); a missing pad token becomes eos."""
-    tok = AutoTokenizer.from_pretrained(str(path))
+    if not str(path):
+        raise ConfigError("data.tokenizer: not set (a local tokenizer directory or a hub name)")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"data.tokenizer: cannot load {path!r} ({first})") from None
     if tok.eos_token_id is None:
         raise ValueError(f"{path}: tokenizer has no eos token")
     if tok.pad_token_id is None:

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 
 from smft_dist.config import CheckpointConfig, ModelConfig, to_dict
 from smft_dist.distributed.parallelize import Parallel
+from smft_dist.smft.methods import merged_state_dict
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -262,13 +263,14 @@ def _deepspeed_safe_globals() -> list:
 # ------------------------------------------------------------------------------------ HF export
 def export_hf(par: Parallel, model_cfg: ModelConfig, out_dir: str | Path) -> Path:
     """Write one consolidated model (all ranks call; rank 0 writes) that ``from_pretrained`` loads.
+    LoRA adapters are merged into the exported weights.
 
     Keys equal ``Transformer.state_dict()`` with local value tables; fp32.
     """
     from smft_dist.model.hf import SMFTConfig, SMFTForCausalLM
 
     out_dir = Path(out_dir)
-    state = {k: v.detach().float().cpu() for k, v in par.model.state_dict().items()}
+    state = {k: v.float().cpu() for k, v in merged_state_dict(par.model).items()}
     for name, table in par.tables.items():
         state[f"value_tables.{name}.bag.weight"] = table.full_weight().float().cpu()  # collective
     if dist.get_rank() == 0:

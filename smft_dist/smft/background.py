@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from smft_dist.data.schemas import DataError
+
 
 @dataclass
 class BackgroundStats:
@@ -49,7 +51,7 @@ class BackgroundStats:
                 meta = f.metadata() or {}
             tensors = load_file(str(path))
         except Exception as e:  # noqa: BLE001 - any decoding failure means a bad file
-            raise ValueError(f"background statistics {path}: unreadable ({e})") from None
+            raise DataError(f"background statistics {path}: unreadable ({e})") from None
         if "num_batches" not in meta:
-            raise ValueError(f"background statistics {path}: missing num_batches metadata")
+            raise DataError(f"background statistics {path}: missing num_batches metadata")
         return cls({k.removeprefix("df."): v for k, v in tensors.items()}, int(meta["num_batches"]))

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from smft_dist.config import MethodConfig
+from smft_dist.config import ConfigError, MethodConfig
 from smft_dist.model.transformer import Attention, SwiGLU, Transformer
 from smft_dist.smft.background import BackgroundStats
 from smft_dist.smft.selection import TopTSelector
@@ -59,7 +59,7 @@ def apply_method(
 ) -> MethodPlan:
     """Freeze / unfreeze parameters of ``model`` for ``cfg.name`` and install top-t selectors."""
     if cfg.name in ("smft", "memory_ft") and not model.memory_layers():
-        raise ValueError(f"model.memory.layers: method {cfg.name} needs at least one memory layer")
+        raise ConfigError(f"model.memory.layers: method {cfg.name} needs at least one memory layer")
     for layer in model.memory_layers():
         layer.trainable_selector = None
     if cfg.name == "lora":
@@ -77,19 +77,38 @@ def apply_method(
     selectors: dict[int, TopTSelector] = {}
     if cfg.name == "smft":
         if cfg.ranking == "tfidf" and background is None:
-            raise ValueError("method.background: ranking 'tfidf' needs background df statistics (python -m smft_dist.background)")
+            raise ConfigError("method.background: ranking 'tfidf' needs background df statistics (python -m smft_dist.background)")
         for i, block in enumerate(model.layers):
             layer = block.ffn
             if layer not in model.memory_layers():
                 continue
             df = background.df.get(layer.table_name) if background is not None else None
             if cfg.ranking == "tfidf" and df is None:
-                raise ValueError(f"method.background: no df statistics for table {layer.table_name!r}")
+                raise ConfigError(f"method.background: no df statistics for table {layer.table_name!r}")
             num_batches = background.num_batches if background is not None else 0
             sel = TopTSelector(SlotCounter(layer.cfg.num_slots, group), cfg.top_t, cfg.ranking, df, num_batches, seed_fn)
             layer.trainable_selector = selectors[i] = sel
     dense = [p for _, p in model.dense_parameters() if p.requires_grad]
     return MethodPlan(cfg.name, dense, True, selectors)
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` under plain :class:`Transformer` names, LoRA adapters merged into their
+    base weights (the model itself is left unmerged)."""
+    from peft.tuners.lora import LoraLayer
+
+    adapters = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    for m in adapters:
+        m.merge()
+    try:
+        return {
+            k.replace(".base_layer", ""): v.detach().clone()
+            for k, v in model.state_dict().items()
+            if "lora_" not in k
+        }
+    finally:
+        for m in adapters:
+            m.unmerge()
 
 
 def build_local_optimizers(model: Transformer, plan: MethodPlan, cfg: MethodConfig) -> list[torch.optim.Optimizer]:
