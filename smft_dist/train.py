@@ -41,7 +41,8 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
 
 
 def build_model(cfg: JobConfig) -> Transformer:
-    """A fresh model (seeded, identical on every rank) or the one saved at ``train.init_from``."""
+    """A fresh model (seeded, identical on every rank; value tables are made per shard later) or
+    the one saved at ``train.init_from``."""
     if cfg.train.init_from:
         path = Path(cfg.train.init_from)
         if not (path / "config.json").is_file():
@@ -50,7 +51,7 @@ def build_model(cfg: JobConfig) -> Transformer:
         cfg.model = model.cfg
         return model
     torch.manual_seed(cfg.train.seed)
-    return Transformer(cfg.model)
+    return Transformer(cfg.model, build_value_tables=False)
 
 
 def data_state(stream, world: int) -> list[dict]:

@@ -7,7 +7,7 @@ import torch
 
 from smft_dist.config import SparseOptimConfig
 from smft_dist.distributed.sharding import ShardedValueTable, fused_params
-from smft_dist.model.value_table import LocalValueTable
+from smft_dist.model.value_table import LocalValueTable, SeededRows
 from tests.multiproc import run_ranks
 
 N, D, T, K, LR = 23, 8, 6, 5, 0.5  # 23 rows: uneven row-wise shards (12 + 11)
@@ -71,3 +71,25 @@ def test_adam_on_cpu_is_a_clear_error():
     with pytest.raises(ValueError, match="no adam kernel on cpu"):
         fused_params(SparseOptimConfig(type="adam"), 1e-3, "cpu")
     assert fused_params(SparseOptimConfig(type="adam"), 1e-3, "cuda")["beta2"] == 0.999
+
+
+def test_seeded_rows_are_the_same_however_the_table_is_split():
+    init = SeededRows(N, D, seed=3, chunk=7)  # chunks of 7 rows: ranges straddle chunk boundaries
+    full = init.rows(0, N)
+    assert full.shape == (N, D) and not torch.equal(full, SeededRows(N, D, seed=4, chunk=7).rows(0, N))
+    for lo, hi in [(0, 1), (5, 9), (7, 14), (12, 23), (22, 23), (4, 4)]:
+        assert torch.equal(init.rows(lo, hi), full[lo:hi]), (lo, hi)
+    big = SeededRows(4096, 64, seed=0).rows(0, 4096)
+    assert abs(big.std().item() - 64**-0.5) < 0.01
+
+
+def _seeded_table(rank: int, world: int) -> torch.Tensor:
+    return ShardedValueTable("mem_values", SeededRows(N, D, seed=3, chunk=7), SparseOptimConfig(), LR).full_weight()
+
+
+@pytest.mark.multirank
+def test_sharded_table_built_from_seeded_rows_matches_at_any_world_size():
+    expected = SeededRows(N, D, seed=3, chunk=7).rows(0, N)
+    for world in (1, 2):
+        for full in run_ranks(_seeded_table, world):
+            assert torch.equal(full, expected)

@@ -11,7 +11,8 @@ import torch.distributed as dist
 from smft_dist.config import JobConfig
 from smft_dist.distributed.dense import build_dense_engine, dense_dtype, set_dense_lr
 from smft_dist.distributed.sharding import ShardedValueTable
-from smft_dist.model.transformer import Transformer, lm_loss
+from smft_dist.model.transformer import Transformer, lm_loss, value_table_names
+from smft_dist.model.value_table import SeededRows
 from smft_dist.smft.methods import MethodPlan
 
 
@@ -35,16 +36,19 @@ def shard_value_tables(
 ) -> dict[str, ShardedValueTable]:
     """Replace the model's local value tables by TorchRec ones (unregistered: DeepSpeed never sees them).
 
-    Rows are seeded from the local tables (identical on every rank). Frozen values (``values_train``
-    False) keep lr 0: rows stay bit-identical while scores still get gradients.
+    Rows come from the local tables (identical on every rank) or, for a model built without them
+    (``Transformer(cfg, build_value_tables=False)``), from :class:`SeededRows` of ``train.seed``,
+    each rank generating only its own shard. Frozen values (``values_train`` False) keep lr 0: rows
+    stay bit-identical while scores still get gradients.
     """
     lr = cfg.method.value_lr if values_train else 0.0
-    tables = {
-        name: ShardedValueTable(
-            name, local.full_weight(), cfg.sparse_optim, lr, cfg.distributed.table_placement, device, group
-        )
-        for name, local in model.value_tables.items()
-    }
+    names = sorted(set(value_table_names(model.cfg).values()))
+    slots, dim = model.cfg.memory.num_slots, model.cfg.value_dim
+    tables = {}
+    for i, name in enumerate(names):
+        local = model.value_tables[name] if name in model.value_tables else None
+        init = local.full_weight() if local is not None else SeededRows(slots, dim, cfg.train.seed * 1009 + i)
+        tables[name] = ShardedValueTable(name, init, cfg.sparse_optim, lr, cfg.distributed.table_placement, device, group)
     model.bind_value_tables(tables, register=False)
     return tables
 

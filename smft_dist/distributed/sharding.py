@@ -28,7 +28,7 @@ from torchrec.distributed.types import ShardingEnv, ShardingType
 
 from smft_dist.config import SparseOptimConfig
 from smft_dist.distributed.weighted_dist import sharded_weights
-from smft_dist.model.value_table import ValueTable, split_bags
+from smft_dist.model.value_table import SeededRows, ValueTable, split_bags
 
 FEATURES = ("train", "frozen")
 
@@ -74,14 +74,15 @@ class ValueTableSharder(EmbeddingBagCollectionSharder):
 class ShardedValueTable(ValueTable):
     """A :class:`ValueTable` backed by a sharded TorchRec EBC (row-wise or replicated).
 
-    ``init`` ([num_rows, dim], the same on every rank) seeds the rows; only this rank's rows are kept.
+    ``init`` is the whole table ([num_rows, dim], the same on every rank; only this rank's rows are
+    kept) or :class:`~smft_dist.model.value_table.SeededRows`, which generates this rank's rows only.
     Per-sample weights get gradients under ROW_WISE too (:mod:`smft_dist.distributed.weighted_dist`).
     """
 
     def __init__(
         self,
         name: str,
-        init: torch.Tensor,
+        init: torch.Tensor | SeededRows,
         optim: SparseOptimConfig,
         lr: float,
         placement: str = "row_wise",
@@ -94,7 +95,7 @@ class ShardedValueTable(ValueTable):
             raise ValueError(f"value table {name!r}: dim {self.dim} must be a multiple of 4 (FBGEMM TBE rows)")
         self.name, self.placement = name, placement
         self.group = group if group is not None else dist.group.WORLD
-        device = device or init.device
+        device = device or (init.device if isinstance(init, torch.Tensor) else torch.device("cpu"))
         world = dist.get_world_size(self.group)
         config = EmbeddingBagConfig(
             name=name, embedding_dim=self.dim, num_embeddings=self.num_rows,
@@ -118,7 +119,8 @@ class ShardedValueTable(ValueTable):
             self.replicated_optimizer = _replicated_optimizer(optim, lr, self.local_weight())
         with torch.no_grad():
             lo = self.row_offsets[dist.get_rank(self.group)] if shards else 0
-            self.local_weight().copy_(init[lo : lo + self.local_weight().shape[0]])
+            hi = lo + self.local_weight().shape[0]
+            self.local_weight().copy_(init[lo:hi] if isinstance(init, torch.Tensor) else init.rows(lo, hi))
 
     # ---------------------------------------------------------------------------------- rows
     @property

@@ -86,9 +86,13 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Causal LM returning logits [B, S, vocab]."""
+    """Causal LM returning logits [B, S, vocab].
 
-    def __init__(self, cfg: ModelConfig):
+    ``build_value_tables=False`` leaves the memory layers unbound (no [N, v_dim] tensor is made), for
+    a distributed run that builds each rank's shard itself.
+    """
+
+    def __init__(self, cfg: ModelConfig, build_value_tables: bool = True):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -99,10 +103,10 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.value_tables = nn.ModuleDict(
-            {name: LocalValueTable(cfg.memory.num_slots, cfg.value_dim) for name in sorted(set(names.values()))}
-        )
-        self.bind_value_tables(dict(self.value_tables), register=True)
+        self.value_tables = nn.ModuleDict()
+        if build_value_tables:
+            tables = {name: LocalValueTable(cfg.memory.num_slots, cfg.value_dim) for name in sorted(set(names.values()))}
+            self.bind_value_tables(tables, register=True)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

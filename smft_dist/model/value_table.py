@@ -16,6 +16,7 @@ Two optional masks shape a lookup:
 from __future__ import annotations
 
 import abc
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -45,6 +46,35 @@ class ValueTable(nn.Module, abc.ABC):
 def init_values_(weight: torch.Tensor) -> torch.Tensor:
     """Reference init of value rows: N(0, dim^-1/2)."""
     return nn.init.normal_(weight, mean=0.0, std=weight.shape[-1] ** -0.5)
+
+
+@dataclass(frozen=True)
+class SeededRows:
+    """Initial rows of a value table generated chunk by chunk from a seed (N(0, dim^-1/2)).
+
+    Any row range comes out without building the whole table, and the same rows come out however
+    the table is split over ranks, so a row-sharded table of 1M+ rows initializes its own shard only.
+    """
+
+    num_rows: int
+    dim: int
+    seed: int
+    chunk: int = 65536
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.num_rows, self.dim)
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) as a float32 [hi - lo, dim] tensor."""
+        parts = []
+        for c in range(lo // self.chunk, (max(hi, lo + 1) - 1) // self.chunk + 1):
+            start = c * self.chunk
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + c)
+            n = min(self.chunk, self.num_rows - start)
+            block = torch.randn(n, self.dim, generator=g) * self.dim**-0.5
+            parts.append(block[max(lo - start, 0) : min(hi - start, n)])
+        return torch.cat(parts) if parts else torch.empty(0, self.dim)
 
 
 def split_bags(
