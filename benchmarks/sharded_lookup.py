@@ -3,7 +3,7 @@
 Prints tokens/s (global: all ranks' tokens per second) and bytes sent between ranks per token, by
 phase: TorchRec's input all-to-all (lengths, indices, weights), its output reduce-scatter and the
 backward of it, and the score transfer added by ``weighted_dist`` (weights forward, weight
-gradients backward). "computed" is the expectation for uniformly spread rows; "measured" counts the
+gradients backward). The lookup is a pretraining one: one feature, no trainable/frozen split. "computed" is the expectation for uniformly spread rows; "measured" counts the
 off-rank bytes of every collective call in one step. No pass/fail.
 
     python benchmarks/sharded_lookup.py [--dim 256 --n-keys 128 --heads 4 --topk 16 --tokens 1024]
@@ -25,7 +25,7 @@ from benchmarks.common import best_time
 from smft_dist.config import MemoryConfig, SparseOptimConfig
 from smft_dist.distributed import weighted_dist
 from smft_dist.distributed.env import DistEnv, free_port, init_distributed
-from smft_dist.distributed.sharding import FEATURES, ShardedValueTable
+from smft_dist.distributed.sharding import ShardedValueTable
 from smft_dist.model import LocalValueTable, MemoryLayer
 
 PHASES = ("input a2a", "output reduce-scatter", "output grad (bwd)", "score weights fwd (added)", "score grads bwd (added)")
@@ -34,8 +34,8 @@ PHASES = ("input a2a", "output reduce-scatter", "output grad (bwd)", "score weig
 def computed_bytes(world: int, dim: int, entries: int) -> dict[str, float]:
     """Expected off-rank bytes per token with rows spread uniformly over ``world`` ranks."""
     remote = (world - 1) / world
-    lengths = (world - 1) * len(FEATURES) * 8  # every rank receives every bag's (int64) length
-    pooled = (world - 1) * len(FEATURES) * dim * 4  # partial sums of both features from other ranks
+    lengths = (world - 1) * 8  # every rank receives every bag's (int64) length (one feature)
+    pooled = (world - 1) * dim * 4  # partial sums from the other ranks
     return {
         "input a2a": entries * remote * (8 + 4) + lengths,  # int64 index + fp32 weight per entry
         "output reduce-scatter": pooled,

@@ -1,7 +1,5 @@
 """Slot counting, TF-IDF top-t selection, and the SMFT invariant: only top-t rows move."""
 
-import math
-
 import pytest
 import torch
 
@@ -9,17 +7,19 @@ from smft_dist.config import MemoryConfig, ModelConfig
 from smft_dist.model import Transformer, lm_loss
 from smft_dist.model.memory import MemoryAccess
 from smft_dist.smft.background import BackgroundStats
-from smft_dist.smft.selection import TopTSelector, select_top_t, tfidf
+from smft_dist.smft.selection import TopTSelector, idf, select_top_t
 from smft_dist.smft.slot_counts import SlotCounter
 from tests.multiproc import run_ranks
 
 
-def test_tfidf_matches_the_paper_formula():
-    counts = torch.tensor([4, 0, 1, 3])
-    df = torch.tensor([9, 0, 0, 1])
-    got = tfidf(counts, df, num_batches=9)
-    want = [4 / 8 * math.log(10 / 10), 0.0, 1 / 8 * math.log(10 / 1), 3 / 8 * math.log(10 / 2)]
-    torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64))
+def test_tfidf_ranking_follows_the_paper_formula():
+    counts = torch.tensor([4, 0, 1, 3, 2])
+    df = torch.tensor([9, 0, 0, 1, 5])
+    torch.testing.assert_close(idf(df, 9), torch.log(10 / (df.double() + 1)))
+    # tf * idf of the accessed slots: 4/10*log(1)=0, 1/10*log(10)=.230, 3/10*log(5)=.483, 2/10*log(10/6)=.102
+    order = [3, 2, 4, 0]
+    for t in range(1, 5):
+        assert select_top_t(counts, t, "tfidf", idf(df, 9)).nonzero().flatten().tolist() == sorted(order[:t])
 
 
 def test_select_top_t_rankings_and_ties():
@@ -28,9 +28,9 @@ def test_select_top_t_rankings_and_ties():
     # tf: slot 3 first, then the tie 0, 2, 5 broken towards the lower index
     assert select_top_t(counts, 3, "tf").nonzero().flatten().tolist() == [0, 2, 3]
     # tfidf: slot 3 is common in the background -> ranked below the rare ties
-    assert select_top_t(counts, 3, "tfidf", df, num_batches=3).nonzero().flatten().tolist() == [0, 2, 5]
+    assert select_top_t(counts, 3, "tfidf", idf(df, 3)).nonzero().flatten().tolist() == [0, 2, 5]
     # never more than the accessed slots, never an unaccessed one
-    assert select_top_t(counts, 100, "tfidf", df, 3).nonzero().flatten().tolist() == [0, 2, 3, 4, 5]
+    assert select_top_t(counts, 100, "tfidf", idf(df, 3)).nonzero().flatten().tolist() == [0, 2, 3, 4, 5]
     assert select_top_t(counts, 100, "all").tolist() == (counts > 0).tolist()
     rand = select_top_t(counts, 2, "random", seed=7)
     assert int(rand.sum()) == 2 and not rand[1] and torch.equal(rand, select_top_t(counts, 2, "random", seed=7))

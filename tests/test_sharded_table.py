@@ -30,7 +30,7 @@ def _check_lookup_and_update(rank: int, world: int, placement: str, smft: bool) 
     ((out_ref * probe).sum() / world).backward()  # the global loss: mean of the ranks' losses
     expected = ref.weight.detach() - LR * ref.weight.grad
 
-    table = ShardedValueTable("mem_values", ref.weight.detach().clone(), SparseOptimConfig(), LR, placement)
+    table = ShardedValueTable("mem_values", ref.weight.detach().clone(), SparseOptimConfig(), LR, placement, split=smft)
     mine = slice(rank * T, (rank + 1) * T)
     w_mine = w[mine].clone().requires_grad_()
     out = table(idx[mine], w_mine, valid[mine], None if trainable is None else trainable[mine])

@@ -32,14 +32,15 @@ class Parallel:
 
 
 def shard_value_tables(
-    model: Transformer, cfg: JobConfig, device: torch.device, values_train: bool = True, group=None
+    model: Transformer, cfg: JobConfig, device: torch.device, values_train: bool = True, split: bool = False, group=None
 ) -> dict[str, ShardedValueTable]:
     """Replace the model's local value tables by TorchRec ones (unregistered: DeepSpeed never sees them).
 
     Rows come from the local tables (identical on every rank) or, for a model built without them
     (``Transformer(cfg, build_value_tables=False)``), from :class:`SeededRows` of ``train.seed``,
     each rank generating only its own shard. Frozen values (``values_train`` False) keep lr 0: rows
-    stay bit-identical while scores still get gradients.
+    stay bit-identical while scores still get gradients. ``split``: lookups carry a trainable mask
+    (sparse memory finetuning).
     """
     lr = cfg.method.value_lr if values_train else 0.0
     names = sorted(set(value_table_names(model.cfg).values()))
@@ -48,7 +49,9 @@ def shard_value_tables(
     for i, name in enumerate(names):
         local = model.value_tables[name] if name in model.value_tables else None
         init = local.full_weight() if local is not None else SeededRows(slots, dim, cfg.train.seed * 1009 + i)
-        tables[name] = ShardedValueTable(name, init, cfg.sparse_optim, lr, cfg.distributed.table_placement, device, group)
+        tables[name] = ShardedValueTable(
+            name, init, cfg.sparse_optim, lr, cfg.distributed.table_placement, device, group, split=split
+        )
     model.bind_value_tables(tables, register=False)
     return tables
 
@@ -62,7 +65,7 @@ def parallelize(
 ) -> Parallel:
     """Shard the value tables and wrap the rest in DeepSpeed. ``dense_optimizer`` defaults to AdamW
     (``method.dense_lr``, betas, weight decay) over ``plan.dense_params``; none when they are frozen."""
-    tables = shard_value_tables(model, cfg, device, plan.values_train)
+    tables = shard_value_tables(model, cfg, device, plan.values_train, split=bool(plan.selectors))
     if not plan.dense_params:
         model = model.to(device, dense_dtype(cfg.distributed, device))
         return Parallel(model, None, tables, plan.values_train, cfg.distributed.grad_accum_steps)

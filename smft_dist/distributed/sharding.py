@@ -1,8 +1,10 @@
 """Memory value tables as TorchRec ``EmbeddingBagCollection`` s: plan, sharder, fused optimizer.
 
-Each value table becomes one single-table ``EmbeddingBagCollection`` (weighted, sum pooling) with two
-features reading it: ``train`` and ``frozen`` (:func:`smft_dist.model.value_table.split_bags`).
-The frozen feature's pooled output is detached, so its rows get no update. Placement is ROW_WISE
+Each value table becomes one single-table ``EmbeddingBagCollection`` (weighted, sum pooling). Under
+sparse finetuning (``split``) two features read it, ``train`` and ``frozen``
+(:func:`smft_dist.model.value_table.split_bags`); the frozen feature's pooled output is detached, so
+its rows get no update. Otherwise one feature reads it, so the output reduce-scatter carries one
+pooled vector per token, not two. Placement is ROW_WISE
 over all ranks (default) with the FUSED kernel, whose FBGEMM optimizer updates the rows inside the
 backward pass, or DATA_PARALLEL (replicated, small tables; TorchRec's DDP averages the gradients, rows
 are updated by
@@ -10,7 +12,7 @@ are updated by
 
 TorchRec divides table gradients by the world size (a DDP-style mean over ranks): with each rank's
 loss a mean over its own tokens, that equals one process over the global batch, as long as every
-rank's loss is scaled to its share of the global batch (see ``parallelize.local_loss``).
+rank's loss is scaled to its share of the global batch (see ``parallelize.train_step``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from smft_dist.config import SparseOptimConfig
 from smft_dist.distributed.weighted_dist import sharded_weights
 from smft_dist.model.value_table import SeededRows, ValueTable, split_bags
 
-FEATURES = ("train", "frozen")
+SPLIT_FEATURES = ("train", "frozen")
+WHOLE_FEATURES = ("all",)
 
 _OPTIMIZERS = {
     "exact_sgd": EmbOptimType.EXACT_SGD,
@@ -76,6 +79,7 @@ class ShardedValueTable(ValueTable):
 
     ``init`` is the whole table ([num_rows, dim], the same on every rank; only this rank's rows are
     kept) or :class:`~smft_dist.model.value_table.SeededRows`, which generates this rank's rows only.
+    ``split``: lookups may pass a ``trainable`` mask (two features, see the module docstring).
     Per-sample weights get gradients under ROW_WISE too (:mod:`smft_dist.distributed.weighted_dist`).
     """
 
@@ -88,18 +92,20 @@ class ShardedValueTable(ValueTable):
         placement: str = "row_wise",
         device: torch.device | None = None,
         group: dist.ProcessGroup | None = None,
+        split: bool = False,
     ):
         super().__init__()
         self.num_rows, self.dim = init.shape
         if self.dim % 4:
             raise ValueError(f"value table {name!r}: dim {self.dim} must be a multiple of 4 (FBGEMM TBE rows)")
-        self.name, self.placement = name, placement
+        self.name, self.placement, self.split = name, placement, split
+        self.features = SPLIT_FEATURES if split else WHOLE_FEATURES
         self.group = group if group is not None else dist.group.WORLD
         device = device or (init.device if isinstance(init, torch.Tensor) else torch.device("cpu"))
         world = dist.get_world_size(self.group)
         config = EmbeddingBagConfig(
             name=name, embedding_dim=self.dim, num_embeddings=self.num_rows,
-            feature_names=list(FEATURES), pooling=PoolingType.SUM,
+            feature_names=list(self.features), pooling=PoolingType.SUM,
         )
         ebc = EmbeddingBagCollection(tables=[config], is_weighted=True, device=torch.device("meta"))
         sharder = ValueTableSharder(fused_params=fused_params(optim, lr, device.type))
@@ -114,6 +120,7 @@ class ShardedValueTable(ValueTable):
         shards = plan[name].sharding_spec.shards if placement == "row_wise" else None
         self.row_offsets = [s.shard_offsets[0] for s in shards] if shards else [0]
         self.row_counts = [s.shard_sizes[0] for s in shards] if shards else [self.num_rows]
+        self.register_buffer("shard_starts", torch.tensor(self.row_offsets[1:], device=device), persistent=False)
         self.replicated_optimizer = None
         if placement == "data_parallel":
             self.replicated_optimizer = _replicated_optimizer(optim, lr, self.local_weight())
@@ -147,20 +154,23 @@ class ShardedValueTable(ValueTable):
 
     # ------------------------------------------------------------------------------- lookup
     def forward(self, indices, weights, valid=None, trainable=None):
+        if trainable is not None and not self.split:
+            raise ValueError(f"value table {self.name!r} was built without split=True: it takes no trainable mask")
         feats = split_bags(indices, weights.float(), valid, trainable)
-        if len(feats) == 1:  # every entry trains: the frozen feature is empty
-            empty = indices.new_zeros(0)
-            feats.append((empty, torch.zeros_like(feats[0][1]), weights.new_zeros(0, dtype=torch.float32), False))
+        if self.split and trainable is None:  # every entry trains (e.g. no selector in eval): frozen is empty
+            feats.append((indices.new_zeros(0), torch.zeros_like(feats[0][1]), weights.new_zeros(0, dtype=torch.float32), False))
         values = torch.cat([f[0] for f in feats])
         w = torch.cat([f[2] for f in feats])
         kjt = KeyedJaggedTensor(
-            keys=list(FEATURES), values=values, lengths=torch.cat([f[1] for f in feats]), weights=w.detach()
+            keys=list(self.features), values=values, lengths=torch.cat([f[1] for f in feats]), weights=w.detach()
         )
         ctx = self.ebc.create_context()
         delivered = self.ebc.input_dist(ctx, kjt).wait().wait()
         if w.requires_grad:
             self._attach_weights(delivered[0], values, w)
         pooled = self.ebc.compute_and_output_dist(ctx, delivered).wait().values()
+        if not self.split:
+            return pooled.to(weights.dtype)
         train, frozen = pooled.split(self.dim, dim=1)
         return (train + frozen.detach()).to(weights.dtype)
 
@@ -169,9 +179,8 @@ class ShardedValueTable(ValueTable):
         if self.placement == "data_parallel" or dist.get_world_size(self.group) == 1:
             delivered._weights = w  # no transfer: the local weights are the delivered weights
             return
-        boundaries = torch.tensor(self.row_offsets[1:], device=values.device)
-        owner = torch.bucketize(values, boundaries, right=True)
-        delivered._weights = sharded_weights(w, owner, delivered.lengths(), len(FEATURES), self.group)
+        owner = torch.bucketize(values, self.shard_starts, right=True)
+        delivered._weights = sharded_weights(w, owner, delivered.lengths(), len(self.features), self.group)
 
     # ---------------------------------------------------------------------------- optimizer
     def set_lr(self, lr: float) -> None:

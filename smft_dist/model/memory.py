@@ -18,15 +18,16 @@ from torch import nn
 from smft_dist.config import MemoryConfig
 from smft_dist.model.value_table import ValueTable
 
-# (indices [T, K], valid [T]) -> trainable [T, K]; installed by sparse memory finetuning.
+# (indices [T, K], valid [T] or None) -> trainable [T, K]; installed by sparse memory finetuning.
 TrainableSelector = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class MemoryAccess(NamedTuple):
-    """The slots one forward read: ``indices`` [T, heads*k] and ``valid`` [T] (False = padding)."""
+    """The slots one forward read: ``indices`` [T, heads*k] and ``valid`` [T] (False = padding;
+    None = no padding)."""
 
     indices: torch.Tensor
-    valid: torch.Tensor
+    valid: torch.Tensor | None
 
 
 def product_key_topk(query: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,12 +106,17 @@ class MemoryLayer(nn.Module):
         return indices.flatten(1), scores.flatten(1)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, S, dim], valid [B, S] (False = padding, reads no memory) -> [B, S, dim]."""
+        """x [B, S, dim], valid [B, S] (False = padding, reads no memory) -> [B, S, dim].
+
+        The trainable selector runs only when gradients are on: an eval forward selects nothing.
+        """
         B, S, D = x.shape
         flat = x.reshape(B * S, D)
-        valid = torch.ones(B * S, dtype=torch.bool, device=x.device) if valid is None else valid.reshape(B * S).bool()
+        valid = None if valid is None else valid.reshape(B * S).bool()
         indices, scores = self.retrieve(flat)
-        self.last_access = MemoryAccess(indices.detach(), valid)
-        trainable = self.trainable_selector(indices, valid) if self.trainable_selector is not None else None
+        self.last_access = MemoryAccess(indices, valid)
+        trainable = None
+        if self.trainable_selector is not None and torch.is_grad_enabled():
+            trainable = self.trainable_selector(indices, valid)
         pooled = self.table(indices, scores, valid, trainable).to(x.dtype)
         return self.w2(pooled * F.silu(self.w1(flat))).view(B, S, D)

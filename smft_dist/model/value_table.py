@@ -101,6 +101,8 @@ class LocalValueTable(ValueTable):
     """Single-process table on ``torch.nn.EmbeddingBag`` (mode="sum", per-sample weights).
 
     Gradients flow to the rows and to the weights (scores), so keys and queries learn through it.
+    Masks zero the per-sample weights of the [T, K] bags (no flattening); the frozen part of a
+    split lookup runs without autograd.
     """
 
     def __init__(self, num_rows: int, dim: int, device: torch.device | str | None = None):
@@ -118,14 +120,14 @@ class LocalValueTable(ValueTable):
         return self.bag.weight
 
     def forward(self, indices, weights, valid=None, trainable=None):
-        out = None
-        for values, lengths, w, grad in split_bags(indices, weights, valid, trainable):
-            offsets = torch.zeros(lengths.numel(), dtype=torch.long, device=lengths.device)
-            offsets[1:] = lengths.cumsum(0)[:-1]
-            pooled = self.bag(values, offsets, per_sample_weights=w.to(self.bag.weight.dtype))
-            pooled = pooled if grad else pooled.detach()
-            out = pooled if out is None else out + pooled
-        return out
+        w = weights.to(self.bag.weight.dtype)
+        if valid is not None:
+            w = w * valid[:, None]
+        if trainable is None:
+            return self.bag(indices, per_sample_weights=w)
+        with torch.no_grad():
+            frozen = self.bag(indices, per_sample_weights=w * ~trainable)
+        return self.bag(indices, per_sample_weights=w * trainable) + frozen
 
     def full_weight(self) -> torch.Tensor:
         return self.bag.weight.detach()

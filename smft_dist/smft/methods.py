@@ -23,9 +23,10 @@ import torch
 from torch import nn
 
 from smft_dist.config import ConfigError, MethodConfig
+from smft_dist.model.memory import MemoryLayer
 from smft_dist.model.transformer import Attention, SwiGLU, Transformer
 from smft_dist.smft.background import BackgroundStats
-from smft_dist.smft.selection import TopTSelector
+from smft_dist.smft.selection import TopTSelector, idf
 from smft_dist.smft.slot_counts import SlotCounter
 
 
@@ -76,18 +77,18 @@ def apply_method(
         p.requires_grad_(dense_train)
     selectors: dict[int, TopTSelector] = {}
     if cfg.name == "smft":
-        if cfg.ranking == "tfidf" and background is None:
-            raise ConfigError("method.background: ranking 'tfidf' needs background df statistics (python -m smft_dist.background)")
         for i, block in enumerate(model.layers):
-            layer = block.ffn
-            if layer not in model.memory_layers():
+            if not isinstance(block.ffn, MemoryLayer):
                 continue
-            df = background.df.get(layer.table_name) if background is not None else None
-            if cfg.ranking == "tfidf" and df is None:
-                raise ConfigError(f"method.background: no df statistics for table {layer.table_name!r}")
-            num_batches = background.num_batches if background is not None else 0
-            sel = TopTSelector(SlotCounter(layer.cfg.num_slots, group), cfg.top_t, cfg.ranking, df, num_batches, seed_fn)
-            layer.trainable_selector = selectors[i] = sel
+            name = block.ffn.table_name
+            weights = None
+            if cfg.ranking == "tfidf":
+                if background is None or name not in background.df:
+                    raise ConfigError(f"method.background: ranking 'tfidf' needs df statistics for table {name!r} "
+                                      "(python -m smft_dist.background)")
+                weights = idf(background.df[name], background.num_batches)
+            sel = TopTSelector(SlotCounter(block.ffn.cfg.num_slots, group), cfg.top_t, cfg.ranking, weights, seed_fn)
+            block.ffn.trainable_selector = selectors[i] = sel
     dense = [p for _, p in model.dense_parameters() if p.requires_grad]
     return MethodPlan(cfg.name, dense, True, selectors)
 

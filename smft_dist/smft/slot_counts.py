@@ -21,8 +21,8 @@ class SlotCounter:
 
     def local_counts(self, access: MemoryAccess) -> torch.Tensor:
         """int64 [num_slots]: reads of each slot by this rank's valid tokens."""
-        idx = access.indices[access.valid].flatten()
-        return torch.bincount(idx, minlength=self.num_slots)
+        idx = access.indices if access.valid is None else access.indices[access.valid]
+        return torch.bincount(idx.flatten(), minlength=self.num_slots)
 
     def global_counts(self, access: MemoryAccess) -> torch.Tensor:
         """int64 [num_slots]: reads of each slot in the global batch (all-reduced when distributed)."""
