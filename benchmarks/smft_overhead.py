@@ -1,5 +1,6 @@
 """Cost of sparse selection: one training step under memory_ft (no selection) vs smft (count,
-rank, split the bag) with tf and tfidf rankings, single process, local value table.
+rank, split the bag) with tf and tfidf rankings, on the trainer's path (TorchRec table with the
+fused SGD, ``train_step``) in one process.
 
     python -m benchmarks.smft_overhead [--n-keys 512 --batch 16 --seq 128]
 """
@@ -11,10 +12,12 @@ import argparse
 import torch
 
 from benchmarks.common import interleaved_best_times
-from smft_dist.config import MemoryConfig, MethodConfig, ModelConfig
-from smft_dist.model import Transformer, lm_loss
+from smft_dist.config import JobConfig, MemoryConfig, MethodConfig, ModelConfig
+from smft_dist.distributed.env import init_distributed
+from smft_dist.distributed.parallelize import parallelize, train_step
+from smft_dist.model import Transformer
 from smft_dist.smft.background import BackgroundStats
-from smft_dist.smft.methods import apply_method, build_local_optimizers
+from smft_dist.smft.methods import apply_method
 
 
 def main() -> None:
@@ -34,21 +37,15 @@ def main() -> None:
     for _ in range(10):
         background.add_batch({"mem_values_1": (torch.rand(num_slots, generator=g) < 0.3).long()})
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g)
+    mask = torch.ones_like(ids)
+    _, device = init_distributed()
 
     def make_step(method: MethodConfig):
         torch.manual_seed(0)
-        model = Transformer(cfg)
-        plan = apply_method(model, method, background)
-        opts = build_local_optimizers(model, plan, method)
-
-        def step():
-            for o in opts:
-                o.zero_grad()
-            lm_loss(model(ids), ids).backward()
-            for o in opts:
-                o.step()
-
-        return step
+        model = Transformer(cfg, build_value_tables=False)
+        job = JobConfig(model=cfg, method=method)
+        par = parallelize(model, job, apply_method(model, method, background), device)
+        return lambda: train_step(par, ids, mask, ids)
 
     methods = {"memory_ft (all accessed rows)": MethodConfig(name="memory_ft", value_lr=0.01)}
     for ranking in ("tf", "tfidf"):
@@ -57,7 +54,7 @@ def main() -> None:
     base = times["memory_ft (all accessed rows)"]
     rows = list(times.items())
     tokens = args.batch * args.seq
-    print(f"slots={num_slots} tokens/step={tokens} (single process, local table)")
+    print(f"slots={num_slots} tokens/step={tokens} (single process, TorchRec table, fused SGD)")
     print(f"{'method':<32}{'tokens/s':>12}{'time vs memory_ft':>20}")
     for name, t in rows:
         print(f"{name:<32}{tokens / t:>12,.0f}{t / base:>20.3f}")

@@ -93,9 +93,12 @@ def train(cfg: JobConfig) -> dict[str, float]:
         print(f"train: {cfg.method.name} on {cfg.train.stream} stream, {env.world_size} rank(s) on {device.type}, "
               f"from step {progress['step']} to {cfg.train.steps}", flush=True)
 
+    saved = progress["step"]
+
     def checkpoint() -> None:
-        trainer = {"data": data_state(stream, env.world_size), "background": cfg.method.background}
-        save_checkpoint(par, cfg.checkpoint, progress["step"], cfg.model, trainer)
+        nonlocal saved
+        save_checkpoint(par, cfg.checkpoint, progress["step"], cfg.model, {"data": data_state(stream, env.world_size)})
+        saved = progress["step"]
 
     metrics: dict[str, float] = {}
     batches, tokens, t0 = iter(stream), 0, time.perf_counter()
@@ -118,6 +121,8 @@ def train(cfg: JobConfig) -> dict[str, float]:
                 metrics[f"slots_accessed/layer{i}"] = float((sel.counts > 0).sum())
             logger.log(step, metrics)
             tokens, t0 = 0, time.perf_counter()
+        if step == cfg.train.steps:  # the final eval and checkpoint follow the loop
+            break
         if cfg.eval.tasks and cfg.eval.every and step % cfg.eval.every == 0:
             logger.log(step, evaluate(par, tokenizer, cfg), prefix="eval")
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
@@ -126,7 +131,8 @@ def train(cfg: JobConfig) -> dict[str, float]:
         final = evaluate(par, tokenizer, cfg)
         logger.log(progress["step"], final, prefix="eval")
         metrics.update({f"eval/{k}": v for k, v in final.items()})
-    checkpoint()
+    if progress["step"] > saved:
+        checkpoint()
     if cfg.train.export_hf:
         export_hf(par, cfg.model, Path(cfg.train.out_dir) / "hf")
     logger.close()

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import datasets
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from smft_dist.config import EvalConfig, EvalTaskConfig, SourceConfig
 from smft_dist.data import load_tokenizer, train_tokenizer
 from smft_dist.data.packing import encode, tokenize_pairs, tokenize_text
 from smft_dist.eval.runner import evaluate_choice, evaluate_nll, evaluate_qa, greedy_generate, log_results, run_eval
+from tests.multiproc import run_ranks
 
 PROMPT = "Question: {question}\nAnswer:"
 TEXTS = ["Rome is old. Milan is busy.", "alpha beta gamma delta", "river stone north", "Question: where?\nAnswer: here"]
@@ -140,29 +138,15 @@ def _results(tok_dir) -> dict[str, float]:
     return {f"{task}/{k}": v for task, res in results.items() for k, v in res.items()}
 
 
-def _worker(rank: int, world: int, port: int, tok_dir: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        res = _results(tok_dir)
-        with open(f"{out}.{rank}", "w") as fh:
-            json.dump(res, fh)
-    finally:
-        dist.destroy_process_group()
+def _rank_results(rank: int, world: int, tok_dir: str) -> dict[str, float]:
+    return _results(tok_dir)
 
 
 @pytest.mark.multirank
-def test_two_ranks_match_one(tok_dir, tmp_path):
+def test_two_ranks_match_one(tok_dir):
     single = _results(tok_dir)
     assert single["qa/count"] == single["choice/count"] == 5 and single["qa/em"] == pytest.approx(4 / 5)
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, tok_dir, str(tmp_path / "res")), nprocs=2)
-    for rank in range(2):
-        ranked = json.loads((tmp_path / f"res.{rank}").read_text())
+    for ranked in run_ranks(_rank_results, 2, tok_dir):
         assert ranked.keys() == single.keys()
         for k, v in single.items():
             assert ranked[k] == pytest.approx(v, rel=1e-9), k

@@ -125,3 +125,10 @@ def test_unregistered_tables_leave_the_module_tree():
     assert not any(n.startswith("value_tables") for n, _ in model.named_parameters())
     assert model.memory_layers()[0].table is tables["mem_values_1"]
     model(torch.randint(0, 512, (1, 4)))
+
+
+def test_sequences_longer_than_max_seq_len_are_refused():
+    model = Transformer(ModelConfig(vocab_size=64, dim=16, n_layers=1, n_heads=2, max_seq_len=8))
+    model(torch.randint(0, 64, (1, 8)))
+    with pytest.raises(ValueError, match="max_seq_len=8"):
+        model(torch.randint(0, 64, (1, 9)))

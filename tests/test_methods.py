@@ -6,10 +6,21 @@ import torch
 from smft_dist.config import MemoryConfig, MethodConfig, ModelConfig
 from smft_dist.model import Transformer, lm_loss
 from smft_dist.smft.background import BackgroundStats
-from smft_dist.smft.methods import apply_method, build_local_optimizers, merged_state_dict
+from smft_dist.smft.methods import MethodPlan, apply_method, merged_state_dict
 
 CFG = ModelConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, memory=MemoryConfig(layers=[1], n_keys=8, topk=2, heads=2, k_dim=8))
 TABLE = "value_tables.mem_values_1.bag.weight"
+
+
+def _local_optimizers(model: Transformer, plan: MethodPlan, cfg: MethodConfig) -> list[torch.optim.Optimizer]:
+    """Single-process stand-ins for DeepSpeed (AdamW on dense / LoRA) and the fused row optimizer
+    (SGD for sparse methods, AdamW otherwise) over the local tables."""
+    opts = [torch.optim.AdamW(plan.dense_params, lr=cfg.dense_lr, weight_decay=cfg.weight_decay)] if plan.dense_params else []
+    values = [p for p in model.value_tables.parameters() if p.requires_grad]
+    if plan.values_train and values:
+        sgd = plan.name in ("smft", "memory_ft")
+        opts.append(torch.optim.SGD(values, lr=cfg.value_lr) if sgd else torch.optim.AdamW(values, lr=cfg.value_lr, weight_decay=0.0))
+    return opts
 
 
 def _step(method: MethodConfig, background=None):
@@ -17,7 +28,7 @@ def _step(method: MethodConfig, background=None):
     model = Transformer(CFG)
     plan = apply_method(model, method, background)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opts = build_local_optimizers(model, plan, method)
+    opts = _local_optimizers(model, plan, method)
     ids = torch.randint(0, 64, (4, 8))
     lm_loss(model(ids), ids).backward()
     for opt in opts:

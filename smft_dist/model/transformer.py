@@ -140,6 +140,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, S = input_ids.shape
+        if S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         if attention_mask is None or bool(attention_mask.all()):
             valid, attn_mask = None, None
             positions = torch.arange(S, device=input_ids.device).expand(B, S)

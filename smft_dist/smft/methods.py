@@ -110,20 +110,3 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     finally:
         for m in adapters:
             m.unmerge()
-
-
-def build_local_optimizers(model: Transformer, plan: MethodPlan, cfg: MethodConfig) -> list[torch.optim.Optimizer]:
-    """Single-process optimizers: AdamW over dense/LoRA parameters, SGD (sparse methods) or AdamW
-    (pretrain, full_ft) over the local value tables."""
-    opts: list[torch.optim.Optimizer] = []
-    if plan.dense_params:
-        opts.append(torch.optim.AdamW(plan.dense_params, lr=cfg.dense_lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay))
-    values = [p for t in model.value_tables.values() for p in t.parameters()]
-    for p in values:
-        p.requires_grad_(plan.values_train)
-    if plan.values_train and values:
-        if plan.name in ("smft", "memory_ft"):
-            opts.append(torch.optim.SGD(values, lr=cfg.value_lr))
-        else:
-            opts.append(torch.optim.AdamW(values, lr=cfg.value_lr, betas=tuple(cfg.betas), weight_decay=0.0))
-    return opts
