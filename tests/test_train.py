@@ -26,7 +26,7 @@ def world(tmp_path_factory):
 
 def _job(world, out, *overrides) -> JobConfig:
     base = [
-        "model.vocab_size=320", "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=32",
+        "model.vocab_size=320", "model.dim=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=64",
         "model.memory.layers=[1]", "model.memory.n_keys=8", "model.memory.heads=2", "model.memory.topk=4",
         "model.memory.k_dim=16",
         f"data.tokenizer={world}/tokenizer",

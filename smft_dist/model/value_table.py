@@ -89,6 +89,8 @@ def split_bags(
     read the same table; the order inside each bag is preserved.
     """
     T, K = indices.shape
+    if valid is None and trainable is None:  # every bag whole: no compaction
+        return [(indices.flatten(), indices.new_full((T,), K), weights.flatten(), True)]
     keep = torch.ones_like(indices, dtype=torch.bool) if valid is None else valid[:, None].expand(T, K)
     if trainable is None:
         masks = [(keep, True)]
