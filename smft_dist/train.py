@@ -42,7 +42,8 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
 
 def build_model(cfg: JobConfig) -> Transformer:
     """A fresh model (seeded, identical on every rank; value tables are made per shard later) or
-    the one saved at ``train.init_from``."""
+    the one saved at ``train.init_from``. Seeds the global RNG either way (LoRA adapters draw from it)."""
+    torch.manual_seed(cfg.train.seed)
     if cfg.train.init_from:
         path = Path(cfg.train.init_from)
         if not (path / "config.json").is_file():
@@ -50,7 +51,6 @@ def build_model(cfg: JobConfig) -> Transformer:
         model = SMFTForCausalLM.from_pretrained(str(path)).model
         cfg.model = model.cfg
         return model
-    torch.manual_seed(cfg.train.seed)
     return Transformer(cfg.model, build_value_tables=False)
 
 
