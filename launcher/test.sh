@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash launcher/setup.sh
 export DS_ACCELERATOR="${DS_ACCELERATOR:-$([[ "${SMFT_DEVICE:-cpu}" == cuda ]] && echo cuda || echo cpu)}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec .venv/bin/python -m pytest -ra "$@"
+exec .venv/bin/python -m pytest -ra --durations=10 "$@"

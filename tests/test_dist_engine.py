@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -128,3 +130,16 @@ def _refuses_registered_tables(rank: int, world: int) -> None:
 @pytest.mark.multirank
 def test_dense_engine_refuses_sharded_tables():
     run_ranks(_refuses_registered_tables, 1)
+
+
+def _compiles_nothing(rank: int, world: int, extensions_dir: str) -> None:
+    os.environ["TORCH_EXTENSIONS_DIR"] = extensions_dir
+    build(tiny_job())
+    built = os.listdir(extensions_dir) if os.path.exists(extensions_dir) else []
+    assert not built, f"DeepSpeed JIT-compiled {built} at run time"
+
+
+@pytest.mark.multirank
+def test_dense_engine_compiles_nothing_at_run_time(tmp_path):
+    """No g++ build (and no lock file in a shared home directory) when a fresh node starts training."""
+    run_ranks(_compiles_nothing, 2, str(tmp_path / "torch_extensions"))

@@ -17,6 +17,7 @@ summed gradient. For SGD the two agree to first order in the lr.
 from __future__ import annotations
 
 import deepspeed
+import deepspeed.ops
 import torch
 from torch import nn
 from torchrec.distributed.types import ShardedModule
@@ -45,6 +46,19 @@ def deepspeed_config(cfg: DistributedConfig, device: torch.device) -> dict:
     }
 
 
+def _skip_shm_comm_build() -> None:
+    """Keep DeepSpeed's CPU backend from JIT-compiling its shared-memory all-reduce op.
+
+    ``deepspeed.comm`` builds ``deepspeed_shm_comm`` (g++ under a lock file in
+    ``~/.cache/torch_extensions``) on first init of every fresh machine, although only
+    ``inference_all_reduce`` uses it; training collectives go through torch.distributed. A rank killed
+    mid-build leaves the lock behind and every later run on that home directory waits on it forever.
+    DeepSpeed consults its per-process op compatibility table before building, so we mark the op
+    unavailable there (on CUDA the op does not exist and this is a no-op).
+    """
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def build_dense_engine(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -55,6 +69,7 @@ def build_dense_engine(
     sharded = [name for name, m in model.named_modules() if isinstance(m, ShardedModule)]
     if sharded:
         raise ValueError(f"build_dense_engine: {sharded[0]!r} is a TorchRec module; bind value tables with register=False")
+    _skip_shm_comm_build()
     engine, *_ = deepspeed.initialize(
         model=model.to(device),
         optimizer=optimizer,
