@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run with the DeepSpeed launcher (reads a hostfile for multi-node; see `deepspeed --help`).
-#   NPROC=2 bash launcher/deepspeed.sh configs/quickstart.yaml [key=value ...]
+#   NPROC=2 bash launcher/deepspeed.sh configs/quickstart_pretrain.yaml [key=value ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG="${1:?usage: launcher/deepspeed.sh CONFIG [key=value ...]}"; shift

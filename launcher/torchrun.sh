@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Single-node multi-process run with torchrun.
-#   NPROC=2 bash launcher/torchrun.sh configs/quickstart.yaml [key=value ...]
+#   NPROC=2 bash launcher/torchrun.sh configs/quickstart_pretrain.yaml [key=value ...]
 # NPROC defaults to the GPU count (or 2 on CPU, gloo). Multi-node: see slurm/torchrun.sbatch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
