@@ -19,6 +19,7 @@ from __future__ import annotations
 import deepspeed
 import deepspeed.ops
 import torch
+from deepspeed.accelerator import get_accelerator
 from torch import nn
 from torchrec.distributed.types import ShardedModule
 
@@ -54,9 +55,10 @@ def _skip_shm_comm_build() -> None:
     ``inference_all_reduce`` uses it; training collectives go through torch.distributed. A rank killed
     mid-build leaves the lock behind and every later run on that home directory waits on it forever.
     DeepSpeed consults its per-process op compatibility table before building, so we mark the op
-    unavailable there (on CUDA the op does not exist and this is a no-op).
+    unavailable there. The op exists only for the CPU accelerator; elsewhere this does nothing.
     """
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def build_dense_engine(
