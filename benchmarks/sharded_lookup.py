@@ -3,8 +3,9 @@
 Prints tokens/s (global: all ranks' tokens per second) and bytes sent between ranks per token, by
 phase: TorchRec's input all-to-all (lengths, indices, weights), its output reduce-scatter and the
 backward of it, and the score transfer added by ``weighted_dist`` (weights forward, weight
-gradients backward). The lookup is a pretraining one: one feature, no trainable/frozen split. "computed" is the expectation for uniformly spread rows; "measured" counts the
-off-rank bytes of every collective call in one step. No pass/fail.
+gradients backward). The lookup is a pretraining one: one feature, no trainable/frozen split.
+"computed" is the expectation for uniformly spread rows; "measured" counts the off-rank bytes of
+every collective call in one step. No pass/fail.
 
     python benchmarks/sharded_lookup.py [--dim 256 --n-keys 128 --heads 4 --topk 16 --tokens 1024]
 """

@@ -19,16 +19,15 @@ class MetricLogger:
             self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
             self.jsonl = open(self.out_dir / "metrics.jsonl", "a")
 
-    def log(self, step: int, scalars: dict[str, float], prefix: str = "train", echo: bool = True) -> None:
+    def log(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
         if not self.enabled:
             return
         for key, value in scalars.items():
             self.writer.add_scalar(f"{prefix}/{key}", value, step)
         self.jsonl.write(json.dumps({"step": step, "split": prefix, **scalars}) + "\n")
         self.jsonl.flush()
-        if echo:
-            shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scalars.items())
-            print(f"[{prefix}] step {step:>6}  {shown}", flush=True)
+        shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scalars.items())
+        print(f"[{prefix}] step {step:>6}  {shown}", flush=True)
 
     def close(self) -> None:
         if self.enabled:

@@ -4,10 +4,9 @@ Each value table becomes one single-table ``EmbeddingBagCollection`` (weighted, 
 sparse finetuning (``split``) two features read it, ``train`` and ``frozen``
 (:func:`smft_dist.model.value_table.split_bags`); the frozen feature's pooled output is detached, so
 its rows get no update. Otherwise one feature reads it, so the output reduce-scatter carries one
-pooled vector per token, not two. Placement is ROW_WISE
-over all ranks (default) with the FUSED kernel, whose FBGEMM optimizer updates the rows inside the
-backward pass, or DATA_PARALLEL (replicated, small tables; TorchRec's DDP averages the gradients, rows
-are updated by
+pooled vector per token, not two. Placement is ROW_WISE over all ranks (default) with the FUSED
+kernel, whose FBGEMM optimizer updates the rows inside the backward pass, or DATA_PARALLEL
+(replicated, small tables; TorchRec's DDP averages the gradients, rows are updated by
 :meth:`ShardedValueTable.step_replicated`).
 
 TorchRec divides table gradients by the world size (a DDP-style mean over ranks): with each rank's

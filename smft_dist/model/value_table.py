@@ -43,9 +43,9 @@ class ValueTable(nn.Module, abc.ABC):
         """The whole [num_rows, dim] table on this process (gathered if sharded)."""
 
 
-def init_values_(weight: torch.Tensor) -> torch.Tensor:
+def init_values_(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Reference init of value rows: N(0, dim^-1/2)."""
-    return nn.init.normal_(weight, mean=0.0, std=weight.shape[-1] ** -0.5)
+    return nn.init.normal_(weight, mean=0.0, std=weight.shape[-1] ** -0.5, generator=generator)
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class SeededRows:
             start = c * self.chunk
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + c)
             n = min(self.chunk, self.num_rows - start)
-            block = torch.randn(n, self.dim, generator=g) * self.dim**-0.5
+            block = init_values_(torch.empty(n, self.dim), generator=g)
             parts.append(block[max(lo - start, 0) : min(hi - start, n)])
         return torch.cat(parts) if parts else torch.empty(0, self.dim)
 

@@ -2,9 +2,8 @@
 
 TF-IDF(i) = c(i) / sum_j c(j) * log((|B| + 1) / (df(i) + 1)), with c the global access counts of
 this batch and df, |B| the background statistics (SMFT paper, section 4); the idf factor is computed
-once per run. Only slots read by this
-batch are candidates. Ties break towards the lower slot index, so every rank, given the same
-counts, selects the same set.
+once per run. Only slots read by this batch are candidates. Ties break towards the lower slot index,
+so every rank, given the same counts, selects the same set.
 """
 
 from __future__ import annotations
