@@ -42,8 +42,9 @@ def main() -> None:
     if not Path("runs/quickstart/pretrain/hf/config.json").is_file():
         sys.exit("benchmarks.continual: run `bash launcher/quickstart.sh` once first (stage 1 model)")
     OUT.mkdir(parents=True, exist_ok=True)
-    run(["smft_dist.evaluate", "--config", CONFIG, "--model", "runs/quickstart/pretrain/hf", "--out", str(OUT / "base.jsonl")])
-    base = last_eval(OUT / "base.jsonl")
+    shutil.rmtree(OUT / "base", ignore_errors=True)
+    run(["smft_dist.evaluate", "--config", CONFIG, "--model", "runs/quickstart/pretrain/hf", "--out", str(OUT / "base")])
+    base = last_eval(OUT / "base" / "metrics.jsonl")
     rows = []
     for method in args.methods:
         out = OUT / method

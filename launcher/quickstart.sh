@@ -20,8 +20,8 @@ DATA=data/quickstart OUT=runs/quickstart
 [[ -f $OUT/pretrain/hf/config.json ]] || "${RUN[@]}" -m smft_dist.train --config configs/quickstart_pretrain.yaml
 [[ -f $OUT/background.safetensors ]] || \
   "${RUN[@]}" -m smft_dist.background --config configs/quickstart_smft.yaml --out "$OUT/background.safetensors" --batches 1000
-rm -rf "$OUT/smft" "$OUT/before.jsonl"
-$PY -m smft_dist.evaluate --config configs/quickstart_smft.yaml --model "$OUT/pretrain/hf" --out "$OUT/before.jsonl" > /dev/null
+rm -rf "$OUT/smft" "$OUT/before"
+$PY -m smft_dist.evaluate --config configs/quickstart_smft.yaml --model "$OUT/pretrain/hf" --out "$OUT/before" > /dev/null
 "${RUN[@]}" -m smft_dist.train --config configs/quickstart_smft.yaml "$@"
-$PY -m smft_dist.eval.report "$OUT/before.jsonl" "$OUT/smft/metrics.jsonl"
+$PY -m smft_dist.eval.report "$OUT/before/metrics.jsonl" "$OUT/smft/metrics.jsonl"
 echo "TensorBoard: .venv/bin/tensorboard --logdir $OUT"

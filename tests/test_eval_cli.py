@@ -7,12 +7,14 @@ import math
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutput
 
 from smft_dist import evaluate
 from smft_dist.data import train_tokenizer
+from smft_dist.eval.report import last_eval
 
 
 class UniformConfig(PretrainedConfig):
@@ -47,8 +49,14 @@ def test_evaluate_cli(tmp_path):
     task = f"eval.tasks=[{{name: held, kind: nll, seq_len: 8, source: {{path: {tmp_path / 'held.jsonl'}}}}}]"
     results = evaluate.main(
         ["--model", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--step", "3",
-         "--out", str(tmp_path / "eval.jsonl"), "--tensorboard", str(tmp_path / "tb"), task, f"data.cache_dir={tmp_path / 'cache'}"]
+         "--out", str(tmp_path / "eval"), task, f"data.cache_dir={tmp_path / 'cache'}"]
     )
     assert results["held/nll"] == pytest.approx(math.log(300))
-    (line,) = (tmp_path / "eval.jsonl").read_text().splitlines()
-    assert json.loads(line)["step"] == 3 and any((tmp_path / "tb").iterdir())
+    (line,) = (tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()
+    logged = json.loads(line)
+    assert logged["step"] == 3 and logged["split"] == "eval" and logged["held/nll"] == pytest.approx(math.log(300))
+    assert last_eval(tmp_path / "eval" / "metrics.jsonl")["held/nll"] == pytest.approx(math.log(300))
+    acc = EventAccumulator(str(tmp_path / "eval" / "tensorboard"))
+    acc.Reload()
+    (event,) = acc.Scalars("eval/held/nll")
+    assert event.step == 3 and event.value == pytest.approx(math.log(300))

@@ -39,8 +39,11 @@ def pack(sequences: Sequence[Sequence[int]], seq_len: int, pad_id: int) -> list[
     return [pad_row(flat[i : i + seq_len], seq_len, pad_id) for i in range(0, len(flat), seq_len)]
 
 
+ROW_FIELDS = ("input_ids", "attention_mask", "labels")
+
+
 def _columns(rows: list[dict[str, list[int]]]) -> dict[str, list[list[int]]]:
-    return {k: [r[k] for r in rows] for k in ("input_ids", "attention_mask", "labels")}
+    return {k: [r[k] for r in rows] for k in ROW_FIELDS}
 
 
 def tokenize_text(ds, tokenizer: PreTrainedTokenizerBase, seq_len: int, packed: bool, num_proc: int | None = None):
@@ -83,4 +86,9 @@ def tokenize_groups(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, nu
 
 def collate(rows: dict[str, list[list[int]]]) -> dict[str, torch.Tensor]:
     """Columnar rows (as ``Dataset.__getitem__`` returns them) to a batch of long tensors [B, S]."""
-    return {k: torch.tensor(rows[k], dtype=torch.long) for k in ("input_ids", "attention_mask", "labels")}
+    return {k: torch.tensor(rows[k], dtype=torch.long) for k in ROW_FIELDS}
+
+
+def collate_rows(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    """Rows as :func:`pad_row` makes them to a batch of long tensors [B, S]."""
+    return collate(_columns(rows))

@@ -25,7 +25,7 @@ from datasets.distributed import split_dataset_by_node
 from transformers import PreTrainedTokenizerBase
 
 from smft_dist.config import ConfigError, StreamConfig
-from smft_dist.data.packing import collate, pad_row, tokenize_groups, tokenize_text
+from smft_dist.data.packing import collate, collate_rows, pad_row, tokenize_groups, tokenize_text
 from smft_dist.data.schemas import DataError
 from smft_dist.data.sources import load_records
 
@@ -85,7 +85,7 @@ class IterableStream:
         for row in self.dataset:
             rows.append(row)
             if len(rows) == self.batch_size:
-                yield collate({k: [r[k] for r in rows] for k in rows[0]})
+                yield collate_rows(rows)
                 rows = []
         self.epoch += 1
 
@@ -126,8 +126,7 @@ def build_stream(
 
         def make_group_batch(indices: list[int]) -> Batch:
             ids = groups[indices[0]]["ids"]
-            rows = [pad_row(ids[j % len(ids)], cfg.seq_len, pad_id) for j in range(lo, hi)]
-            return collate({k: [r[k] for r in rows] for k in rows[0]})
+            return collate_rows([pad_row(ids[j % len(ids)], cfg.seq_len, pad_id) for j in range(lo, hi)])
 
         stream = IndexedStream(len(groups), 1, make_group_batch, shuffle=cfg.shuffle, seed=seed)
     else:

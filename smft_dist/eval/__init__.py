@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from smft_dist.eval.metrics import exact_match, normalize_answer, token_f1
-from smft_dist.eval.runner import evaluate_choice, evaluate_nll, evaluate_qa, greedy_generate, log_results, run_eval, run_task
+from smft_dist.eval.runner import evaluate_choice, evaluate_nll, evaluate_qa, greedy_generate, run_eval, run_task
 
-__all__ = ["evaluate_choice", "evaluate_nll", "evaluate_qa", "exact_match", "greedy_generate", "log_results", "normalize_answer", "run_eval", "run_task", "token_f1"]
+__all__ = ["evaluate_choice", "evaluate_nll", "evaluate_qa", "exact_match", "greedy_generate", "normalize_answer", "run_eval", "run_task", "token_f1"]

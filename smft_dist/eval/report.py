@@ -1,8 +1,7 @@
 """Before / after table of eval metrics: ``python -m smft_dist.eval.report BEFORE AFTER``.
 
-Each file is JSON lines with a ``step`` and ``task/metric`` keys (``smft_dist.evaluate --out``
-writes them; the trainer's ``metrics.jsonl`` has them on ``"split": "eval"`` lines). The last
-eval line of each file is compared.
+Each file is a ``metrics.jsonl`` (of a training run or of ``smft_dist.evaluate --out``): its
+``"split": "eval"`` lines carry ``task/metric`` keys. The last eval line of each file is compared.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from pathlib import Path
 def last_eval(path: str | Path) -> dict[str, float]:
     """The last line of ``path`` that carries eval metrics, without its bookkeeping keys."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("split", "eval") == "eval"]
+    rows = [r for r in rows if r.get("split") == "eval"]
     if not rows:
         raise ValueError(f"{path}: no eval results")
     return {k: v for k, v in rows[-1].items() if k not in ("step", "split")}

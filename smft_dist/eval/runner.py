@@ -12,9 +12,7 @@ same forwards with the same shapes.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Callable, Sequence
 
 import datasets
@@ -24,7 +22,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from smft_dist.config import EvalConfig, EvalTaskConfig
-from smft_dist.data.packing import IGNORE, collate, encode, pad_row, tokenize_pairs, tokenize_text
+from smft_dist.data.packing import IGNORE, collate, collate_rows, encode, pad_row, tokenize_pairs, tokenize_text
 from smft_dist.data.schemas import DataError
 from smft_dist.data.sources import load_records
 from smft_dist.eval.metrics import exact_match, token_f1
@@ -80,8 +78,7 @@ def sequence_logprobs(model: Model, batch: dict[str, torch.Tensor]) -> tuple[tor
 def _pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """(ids, labels) pairs right-padded to the longest."""
     width = max(len(ids) for ids, _ in rows)
-    padded = [pad_row(ids, width, pad_id, labels) for ids, labels in rows]
-    return collate({k: [r[k] for r in padded] for k in padded[0]})
+    return collate_rows([pad_row(ids, width, pad_id, labels) for ids, labels in rows])
 
 
 @torch.no_grad()
@@ -222,19 +219,3 @@ def run_eval(
     finally:
         if was_training:
             model.train()
-
-
-def log_results(results: dict[str, float], step: int, *, json_path: str | Path | None = None, writer=None) -> None:
-    """Append ``{"step": step, **results}`` as one JSON line to ``json_path`` and add each metric
-    to a TensorBoard ``SummaryWriter`` as ``eval/<task>/<metric>``. Only rank 0 writes."""
-    if _rank_world()[0] != 0:
-        return
-    if json_path is not None:
-        path = Path(json_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps({"step": step, **results}) + "\n")
-    if writer is not None:
-        for key, value in results.items():
-            writer.add_scalar(f"eval/{key}", value, step)
-        writer.flush()
