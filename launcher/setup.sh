@@ -59,8 +59,8 @@ echo "setup.sh: [4/5] deepspeed ${DEEPSPEED_VERSION} (--no-build-isolation)"
 "${PIP[@]}" -c "$CONSTRAINTS" hjson msgpack ninja numpy packaging psutil py-cpuinfo pydantic einops
 DS_BUILD_OPS=0 DS_ACCELERATOR="${DS_ACCELERATOR:-$DEVICE}" \
   "${PIP[@]}" -c "$CONSTRAINTS" --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}"
-echo "setup.sh: [5/5] transformers, datasets, tensorboard, peft, pytest, smft-dist"
-"${PIP[@]}" -c "$CONSTRAINTS" transformers tokenizers datasets tensorboard peft safetensors pyyaml \
+echo "setup.sh: [5/5] transformers, datasets, tensorboard, peft, matplotlib, pytest, smft-dist"
+"${PIP[@]}" -c "$CONSTRAINTS" transformers tokenizers datasets tensorboard peft safetensors pyyaml matplotlib \
   pytest pytest-timeout
 "${PIP[@]}" -c "$CONSTRAINTS" --no-deps --no-build-isolation -e .
 "$PY" -m pip check 2>&1 | grep -v "torchrec .* requires fbgemm-gpu, which is not installed" | grep -v "^No broken" || true
