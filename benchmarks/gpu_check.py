@@ -10,7 +10,7 @@ value table (forward, backward, error against fp32, tokens/s, value-read GB/s ag
 copy bandwidth); the evaluation collectives on a process group of one (NCCL on CUDA), their tensors
 on the model's device; a Hugging Face save/load round trip; the dense model under DeepSpeed ZeRO 1
 and 2; the TorchRec value tables under SMFT with every FBGEMM row optimizer (only the top-t rows may
-move); checkpoint save/load and HF export of a row-sharded model. ``--dry-run`` runs the same
+move) and under pretraining (SGD, the Adam ones) (only accessed rows may move); checkpoint save/load and HF export of a row-sharded model. ``--dry-run`` runs the same
 checks on the CPU with tiny shapes (gloo, fp32 dense); CUDA-only kernels are reported as SKIP.
 """
 
@@ -226,7 +226,9 @@ def _parallel(ctx: Ctx, job: JobConfig):
     return parallelize(model, job, apply_method(model, job.method, bg), ctx.device)
 
 
-def check_sparse_optimizer(ctx: Ctx, optimizer: str) -> str:
+def check_sparse_optimizer(ctx: Ctx, method: str, optimizer: str) -> str:
+    """One step of ``method`` with the FBGEMM row optimizer; rows outside the top-t (smft) or outside
+    the batch's accesses (pretrain) stay bit-identical."""
     ctx.need("fbgemm_gpu", "torchrec", "deepspeed")
     if optimizer in ("adam", "partial_rowwise_adam"):
         ctx.need_cuda(f"FBGEMM's {optimizer}")
@@ -234,18 +236,25 @@ def check_sparse_optimizer(ctx: Ctx, optimizer: str) -> str:
     from smft_dist.distributed.parallelize import train_step
 
     try:
-        par = _parallel(ctx, _tiny_job("smft", sparse_optim__type=optimizer))
+        par = _parallel(ctx, _tiny_job(method, sparse_optim__type=optimizer))
     except (ConfigError, ValueError) as e:
         raise Skip(f"refused: {e}") from None
     table = par.tables["mem_values_1"]
     before = table.full_weight().clone()
     ids, mask, labels = (t.to(ctx.device) for t in _batch())
     loss = train_step(par, ids, mask, labels)
-    selected = par.model.memory_layers()[0].trainable_selector.selected.to(before.device)
+    layer = par.model.memory_layers()[0]
+    if method == "smft":
+        allowed, what = layer.trainable_selector.selected.to(before.device), "top-t"
+    else:
+        allowed = torch.zeros(table.num_rows, dtype=torch.bool, device=before.device)
+        allowed[layer.last_access.indices[layer.last_access.valid].flatten().to(before.device)] = True
+        what = "accessed rows"
     moved = (table.full_weight() != before).any(1)
-    if not moved.any() or (moved & ~selected).any():
-        raise AssertionError(f"rows moved: {moved.sum()} ({(moved & ~selected).sum()} outside the top-{int(selected.sum())})")
-    return f"{table.local_weight().dtype} rows on {table.local_weight().device}; loss {loss:.3f}; {int(moved.sum())} rows moved, all in the top-t"
+    if not moved.any() or (moved & ~allowed).any():
+        raise AssertionError(f"{int(moved.sum())} rows moved, {int((moved & ~allowed).sum())} outside the {what}")
+    weight = table.local_weight()
+    return f"{weight.dtype} rows on {weight.device}; loss {loss:.3f}; {int(moved.sum())} rows moved, all in the {what}"
 
 
 def check_checkpoint(ctx: Ctx) -> str:
@@ -282,8 +291,10 @@ CHECKS: list[tuple[str, Callable[[Ctx], str]]] = [
     ("eval_collectives", check_eval_collectives),
     ("hf_roundtrip", check_hf_roundtrip),
     ("deepspeed_zero_1_2", check_deepspeed),
-    *[(f"smft_rows[{o}]", lambda ctx, o=o: check_sparse_optimizer(ctx, o))
-      for o in ("exact_sgd", "exact_rowwise_adagrad", "adam", "partial_rowwise_adam")],
+    *[(f"{m}_rows[{o}]", lambda ctx, m=m, o=o: check_sparse_optimizer(ctx, m, o))
+      for m, o in [("smft", "exact_sgd"), ("smft", "exact_rowwise_adagrad"), ("smft", "adam"),
+                   ("smft", "partial_rowwise_adam"), ("pretrain", "exact_sgd"), ("pretrain", "adam"),
+                   ("pretrain", "partial_rowwise_adam")]],
     ("checkpoint_and_export", check_checkpoint),
 ]
 
@@ -293,28 +304,28 @@ def run(dry_run: bool) -> int:
     from smft_dist.distributed.env import init_distributed
 
     if not dry_run and not torch.cuda.is_available():
-        print(f"FAIL  {'cuda':<30} torch.cuda.is_available() is False (use --dry-run on a CPU machine)")
+        print(f"FAIL  {'cuda':<32} torch.cuda.is_available() is False (use --dry-run on a CPU machine)")
         return 1
     missing = _import_problems()
     _, device = init_distributed("gloo" if dry_run else "nccl")
     device = torch.device("cpu") if dry_run else device
     cuda = f"CUDA {torch.version.cuda}, {torch.cuda.get_device_name(device)}" if device.type == "cuda" else "cpu"
-    print(f"INFO  {'stack':<30} torch {torch.__version__} ({cuda}); "
+    print(f"INFO  {'stack':<32} torch {torch.__version__} ({cuda}); "
           + ", ".join(f"{p} {'missing' if p in missing else 'ok'}" for p in PACKAGES))
     for name, why in missing.items():
-        print(f"INFO  {name:<30} {why}")
+        print(f"INFO  {name:<32} {why}")
     failures = 0
     with tempfile.TemporaryDirectory() as tmp:
         ctx = Ctx(device, dry_run, Path(tmp), missing)
         for name, fn in CHECKS:
             t0 = time.perf_counter()
             try:
-                line = f"PASS  {name:<30} {fn(ctx)}"
+                line = f"PASS  {name:<32} {fn(ctx)}"
             except Skip as e:
-                line = f"SKIP  {name:<30} ({e})"
+                line = f"SKIP  {name:<32} ({e})"
             except Exception as e:  # noqa: BLE001 - every failure is one line; the run goes on
                 failures += 1
-                line = f"FAIL  {name:<30} {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                line = f"FAIL  {name:<32} {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             print(f"{line} [{time.perf_counter() - t0:.1f} s]", flush=True)
     dist.destroy_process_group()
     print(f"gpu_check: {failures} FAIL(s)" if failures else "gpu_check: no FAIL")
