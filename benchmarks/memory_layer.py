@@ -19,6 +19,36 @@ from smft_dist.model import LocalValueTable, MemoryLayer
 from smft_dist.model.transformer import SwiGLU
 
 
+def measure(
+    dim: int = 512, n_keys: int = 256, heads: int = 4, topk: int = 32, k_dim: int = 256, tokens: int = 2048,
+    repeats: int = 5, device: str = "cpu", dtype: torch.dtype = torch.float32, copy_bytes: int = 256 * 2**20,
+) -> dict[str, float]:
+    """Forward+backward tokens/s of the memory layer and of a SwiGLU FFN, and the value-read
+    bandwidth of the bag forward (bytes of value rows read per second) with the copy bandwidth."""
+    torch.manual_seed(0)
+    cfg = MemoryConfig(layers=[0], n_keys=n_keys, heads=heads, topk=topk, k_dim=k_dim)
+    memory = MemoryLayer(dim, cfg, "mem_values").to(device)
+    memory.reset_parameters()
+    table = LocalValueTable(cfg.num_slots, dim, device=device)
+    memory.bind_table(table)
+    memory.to(dtype)
+    table.to(dtype)
+    ffn = SwiGLU(dim, 4 * dim).to(device, dtype)
+    x = torch.randn(1, tokens, dim, device=device, dtype=dtype, requires_grad=True)
+
+    def step(module):
+        return lambda: module(x).sum().backward()
+
+    t_mem = best_time(step(memory), repeats=repeats)
+    t_ffn = best_time(step(ffn), repeats=repeats)
+    with torch.no_grad():
+        idx, scores = memory.retrieve(x[0])
+        t_bag = best_time(lambda: table(idx, scores), repeats=repeats)
+    value_bytes = tokens * heads * topk * dim * torch.finfo(dtype).bits // 8
+    return {"slots": cfg.num_slots, "memory_tokens_s": tokens / t_mem, "ffn_tokens_s": tokens / t_ffn,
+            "value_read_bw": value_bytes / t_bag, "copy_bw": copy_bandwidth(copy_bytes, device=device)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dim", type=int, default=512)
@@ -30,33 +60,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.manual_seed(0)
+    m = measure(args.dim, args.n_keys, args.heads, args.topk, args.k_dim, args.tokens, args.repeats, device)
 
-    cfg = MemoryConfig(layers=[0], n_keys=args.n_keys, heads=args.heads, topk=args.topk, k_dim=args.k_dim)
-    memory = MemoryLayer(args.dim, cfg, "mem_values").to(device)
-    memory.reset_parameters()
-    table = LocalValueTable(cfg.num_slots, args.dim, device=device)
-    memory.bind_table(table)
-    ffn = SwiGLU(args.dim, 4 * args.dim).to(device)
-    x = torch.randn(1, args.tokens, args.dim, device=device, requires_grad=True)
-
-    def step(module):
-        return lambda: module(x).sum().backward()
-
-    t_mem = best_time(step(memory), repeats=args.repeats)
-    t_ffn = best_time(step(ffn), repeats=args.repeats)
-    with torch.no_grad():
-        idx, scores = memory.retrieve(x[0])
-        t_bag = best_time(lambda: table(idx, scores), repeats=args.repeats)
-    value_bytes = args.tokens * args.heads * args.topk * args.dim * 4
-    bag_bw = value_bytes / t_bag
-    copy_bw = copy_bandwidth(device=device)
-
-    print(f"device={device} dim={args.dim} slots={cfg.num_slots} heads={args.heads} k={args.topk} tokens={args.tokens}")
+    print(f"device={device} dim={args.dim} slots={m['slots']} heads={args.heads} k={args.topk} tokens={args.tokens}")
     print(f"{'module':<28}{'tokens/s':>14}{'vs SwiGLU':>12}")
-    print(f"{'SwiGLU FFN (hidden 4*dim)':<28}{args.tokens / t_ffn:>14,.0f}{1.0:>12.2f}")
-    print(f"{'memory layer (fwd+bwd)':<28}{args.tokens / t_mem:>14,.0f}{t_ffn / t_mem:>12.2f}")
-    print(f"value-row reads (bag fwd): {bag_bw / 1e9:.2f} GB/s = {bag_bw / copy_bw:.2f} x copy bandwidth ({copy_bw / 1e9:.2f} GB/s read+write)")
+    print(f"{'SwiGLU FFN (hidden 4*dim)':<28}{m['ffn_tokens_s']:>14,.0f}{1.0:>12.2f}")
+    print(f"{'memory layer (fwd+bwd)':<28}{m['memory_tokens_s']:>14,.0f}{m['memory_tokens_s'] / m['ffn_tokens_s']:>12.2f}")
+    bw, copy_bw = m["value_read_bw"], m["copy_bw"]
+    print(f"value-row reads (bag fwd): {bw / 1e9:.2f} GB/s = {bw / copy_bw:.2f} x copy bandwidth ({copy_bw / 1e9:.2f} GB/s read+write)")
 
 
 if __name__ == "__main__":

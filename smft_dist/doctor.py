@@ -59,8 +59,11 @@ def check() -> list[str]:
         problems.append(f"torchrec {torchrec_v} is not built for {fbgemm_dist} {fbgemm_v}: pip install --no-deps torchrec==1.8.0")
     if ds_v is None:
         problems.append(f"deepspeed is not installed: pip install --no-build-isolation deepspeed=={DEEPSPEED_PIN}")
-    if not cuda and os.environ.get("DS_ACCELERATOR") != "cpu":
-        problems.append("no GPU and DS_ACCELERATOR is not 'cpu': export DS_ACCELERATOR=cpu (DeepSpeed then uses gloo)")
+    ds_accelerator = os.environ.get("DS_ACCELERATOR")  # unset: DeepSpeed picks cuda when present, else cpu
+    if ds_accelerator and ds_accelerator != ("cuda" if cuda else "cpu"):
+        want = "cuda" if cuda else "cpu"
+        problems.append(f"DS_ACCELERATOR={ds_accelerator} but this machine runs on {want}: "
+                        f"export DS_ACCELERATOR={want} (or unset it)")
     if fbgemm_v is not None and not any("fbgemm-gpu" in p or "does not match" in p for p in problems):
         try:
             importlib.import_module("fbgemm_gpu")

@@ -13,6 +13,7 @@ from torch import nn
 from smft_dist.config import EvalConfig, EvalTaskConfig, SourceConfig
 from smft_dist.data import load_tokenizer, train_tokenizer
 from smft_dist.data.packing import encode, tokenize_pairs, tokenize_text
+from smft_dist.eval import runner
 from smft_dist.eval.runner import evaluate_choice, evaluate_nll, evaluate_qa, greedy_generate, run_eval
 from tests.multiproc import run_ranks
 
@@ -149,7 +150,56 @@ def test_two_ranks_match_one(tok_dir):
     for ranked in run_ranks(_rank_results, 2, tok_dir):
         assert ranked.keys() == single.keys()
         for k, v in single.items():
-            assert ranked[k] == pytest.approx(v, rel=1e-9), k
+            assert ranked[k] == pytest.approx(v, rel=1e-6), k  # fp32 per-token NLLs, summed in fp64
+
+
+class _Reduced(Exception):
+    """Raised by a stand-in ``dist.all_reduce`` with the device of the tensor it was given."""
+
+
+def _fake_two_ranks(monkeypatch, all_reduce) -> None:
+    monkeypatch.setattr(runner.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(runner.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(runner.dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(runner.dist, "all_reduce", all_reduce)
+
+
+def test_eval_collectives_allocate_on_the_device_they_are_given(monkeypatch):
+    """NCCL reduces CUDA tensors only: the collectives' tensors live where the model does
+    (``meta`` stands for a device other than the CPU; the stand-in stops before reading them back)."""
+    def stop(t, *args, **kwargs):
+        raise _Reduced(t.device)
+
+    _fake_two_ranks(monkeypatch, stop)
+    meta = torch.device("meta")
+    with pytest.raises(_Reduced) as sums:
+        runner.all_reduce_sums([1.0, 2.0], meta)
+    with pytest.raises(_Reduced) as flag:
+        runner._all_ranks_true(True, meta)
+    assert sums.value.args[0] == meta and flag.value.args[0] == meta
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_evaluation_reduces_on_the_model_device(tok_dir, monkeypatch, device):
+    """Every collective of every task (sharded sums, lockstep generation) gets a tensor on the model's device."""
+    seen: list[torch.device] = []
+
+    def record(t, *args, **kwargs):
+        seen.append(t.device)
+
+    _fake_two_ranks(monkeypatch, record)
+    tok = load_tokenizer(tok_dir)
+    rows = tokenize_text(datasets.Dataset.from_dict({"text": TEXTS}), tok, 8, packed=True)
+    qa, choice = datasets.Dataset.from_list(QA), datasets.Dataset.from_list(CHOICES)
+    answering, favor = _answering_model(tok, "Rome").to(device), Favor(len(tok), _ids(tok, " north")).to(device)
+    evaluate_qa(answering, tok, qa, prompt=PROMPT, batch_size=2, max_new_tokens=4)
+    evaluate_qa(answering, tok, qa, prompt=PROMPT, batch_size=2, max_new_tokens=4, shard=False)  # lockstep
+    evaluate_choice(favor, tok, choice, batch_size=4)
+    evaluate_nll(favor, rows, batch_size=2)
+    assert len(seen) >= 4 and set(seen) == {torch.device(device, 0) if device == "cuda" else torch.device(device)}
 
 
 def test_run_eval_runs_every_task_and_restores_train_mode(tok_dir, tmp_path):

@@ -11,7 +11,8 @@ kernel, whose FBGEMM optimizer updates the rows inside the backward pass, or DAT
 
 TorchRec divides table gradients by the world size (a DDP-style mean over ranks): with each rank's
 loss a mean over its own tokens, that equals one process over the global batch, as long as every
-rank's loss is scaled to its share of the global batch (see ``parallelize.train_step``).
+rank's loss is scaled to its share of the global batch (see ``parallelize.train_step``). That, the
+lr-only ``fused_optimizer.step()`` and the delivered weights are checked by :mod:`.torchrec_guards`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torchrec.distributed.sharding_plan import construct_module_sharding_plan, d
 from torchrec.distributed.types import ShardingEnv, ShardingType
 
 from smft_dist.config import SparseOptimConfig
+from smft_dist.distributed import torchrec_guards
 from smft_dist.distributed.weighted_dist import sharded_weights
 from smft_dist.model.value_table import SeededRows, ValueTable, split_bags
 
@@ -127,6 +129,9 @@ class ShardedValueTable(ValueTable):
             lo = self.row_offsets[dist.get_rank(self.group)] if shards else 0
             hi = lo + self.local_weight().shape[0]
             self.local_weight().copy_(init[lo:hi] if isinstance(init, torch.Tensor) else init.rows(lo, hi))
+        torchrec_guards.check_gradient_division()
+        if self.replicated_optimizer is None:
+            torchrec_guards.check_step_pushes_lr_only(name, self.ebc.fused_optimizer, self.local_weight())
 
     # ---------------------------------------------------------------------------------- rows
     @property
@@ -174,12 +179,14 @@ class ShardedValueTable(ValueTable):
         return (train + frozen.detach()).to(weights.dtype)
 
     def _attach_weights(self, delivered: KeyedJaggedTensor, values: torch.Tensor, w: torch.Tensor) -> None:
-        """Make the weights TorchRec delivered differentiable w.r.t. this rank's ``w``."""
+        """Make the weights TorchRec delivered differentiable w.r.t. this rank's ``w`` (checked on the
+        first call, and on every call under ``SMFT_DEBUG_CHECKS=1``: :mod:`.torchrec_guards`)."""
         if self.placement == "data_parallel" or dist.get_world_size(self.group) == 1:
-            delivered._weights = w  # no transfer: the local weights are the delivered weights
-            return
-        owner = torch.bucketize(values, self.shard_starts, right=True)
-        delivered._weights = sharded_weights(w, owner, delivered.lengths(), len(self.features), self.group)
+            rebuilt = w  # no transfer: the local weights are the delivered weights
+        else:
+            owner = torch.bucketize(values, self.shard_starts, right=True)
+            rebuilt = sharded_weights(w, owner, delivered.lengths(), len(self.features), self.group)
+        torchrec_guards.swap_weights(self.name, delivered, rebuilt, check=torchrec_guards.due(self))
 
     # ---------------------------------------------------------------------------- optimizer
     def set_lr(self, lr: float) -> None:

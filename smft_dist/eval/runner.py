@@ -37,19 +37,25 @@ def _rank_world(shard: bool = True) -> tuple[int, int]:
     return 0, 1
 
 
-def _all_ranks_true(flag: bool) -> bool:
-    """``flag`` and-ed over all ranks (a collective when a process group is up)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def _group_up() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """``flag`` and-ed over all ranks (a collective when a process group is up). ``device``: where
+    the collective's tensor lives, the model's (NCCL reduces CUDA tensors only)."""
+    if not _group_up():
         return flag
-    t = torch.tensor([int(flag)])
+    t = torch.tensor([int(flag)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item())
 
 
-def all_reduce_sums(values: Sequence[float], shard: bool = True) -> list[float]:
-    """Sum ``values`` over ranks (identity without a process group or when not sharding)."""
-    t = torch.tensor(values, dtype=torch.float64)
-    if _rank_world(shard)[1] > 1:
+def all_reduce_sums(values: Sequence[float], device: torch.device, shard: bool = True) -> list[float]:
+    """Sum ``values`` over ranks in fp64 on ``device`` (the model's: NCCL reduces CUDA tensors only);
+    the identity without a process group or when not sharding."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if shard and _group_up():
         dist.all_reduce(t)
     return t.tolist()
 
@@ -72,7 +78,7 @@ def sequence_logprobs(model: Model, batch: dict[str, torch.Tensor]) -> tuple[tor
     targets = batch["labels"][:, 1:].to(device)
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
     scored = targets != IGNORE
-    return -(nll.view_as(targets) * scored).sum(1).cpu(), scored.sum(1).cpu()
+    return -(nll.view_as(targets).double() * scored).sum(1).cpu(), scored.sum(1).cpu()
 
 
 def _pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -113,7 +119,7 @@ def greedy_generate(
             lengths[i] += 1
             new[i].append(tok)
             done[i] = stop in tokenizer.decode(new[i])
-        if (_all_ranks_true(all(done)) if lockstep else all(done)):
+        if (_all_ranks_true(all(done), device) if lockstep else all(done)):
             break
     return [tokenizer.decode(n, skip_special_tokens=True).split(stop)[0].strip() for n in new]
 
@@ -133,7 +139,7 @@ def evaluate_qa(
         for pred, answers in zip(preds, chunk["answers"]):
             em += exact_match(pred, answers)
             f1 += token_f1(pred, answers)
-    em, f1, n = all_reduce_sums([em, f1, len(part)], shard)
+    em, f1, n = all_reduce_sums([em, f1, len(part)], _device(model), shard)
     return {"em": em / max(n, 1), "f1": f1 / max(n, 1), "count": n}
 
 
@@ -161,7 +167,7 @@ def evaluate_choice(
         for i, lp in enumerate(logprob.tolist(), start):
             scores[owners[i]].append(lp / max(lengths[i], 1))
     correct = sum(max(range(len(s)), key=s.__getitem__) == label for s, label in zip(scores, part["label"]))
-    correct, n = all_reduce_sums([correct, len(part)], shard)
+    correct, n = all_reduce_sums([correct, len(part)], _device(model), shard)
     return {"acc": correct / max(n, 1), "count": n}
 
 
@@ -175,7 +181,7 @@ def evaluate_nll(model: Model, rows: datasets.Dataset, *, batch_size: int, shard
         logprob, count = sequence_logprobs(model, collate(part[start : start + batch_size]))
         total -= logprob.sum().item()
         tokens += count.sum().item()
-    total, tokens = all_reduce_sums([total, tokens], shard)
+    total, tokens = all_reduce_sums([total, tokens], _device(model), shard)
     nll = total / max(tokens, 1)
     return {"nll": nll, "ppl": math.exp(min(nll, 700.0)), "tokens": tokens}
 
