@@ -200,7 +200,7 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def intact_manifest(path: Path, on_corrupt: str = "fail") -> tuple[Path, dict]:
+def _intact_manifest(path: Path, on_corrupt: str = "fail") -> tuple[Path, dict]:
     """``path`` and its verified manifest or, when it is damaged and ``on_corrupt`` is "previous",
     the newest intact older step in the same directory. The error of a damaged ``path`` names the
     damaged file and the newest intact older step. Collective when a process group is up."""
@@ -232,7 +232,7 @@ def load_checkpoint(par: Parallel, path: str | Path, load_optimizer: bool = True
     path = Path(path)
     if not (path / MANIFEST).is_file() and (path / LATEST).is_file():
         path = latest_checkpoint(path)
-    path, manifest = intact_manifest(path, on_corrupt)
+    path, manifest = _intact_manifest(path, on_corrupt)
     missing = set(par.tables) ^ set(manifest["tables"])
     if missing:
         raise CheckpointError(f"{path}: tables {sorted(missing)} differ between checkpoint and model")

@@ -69,11 +69,11 @@ class NonFiniteGuard:
         try:
             loss = run()
         except NonFiniteError as e:
-            if e.skippable and self.policy == "skip":
-                self.skipped += 1
-                return None
-            hint = "; train.on_nonfinite=skip skips such steps" if e.skippable else ""
-            raise NonFiniteError(f"step {step}: {e}; lower method.dense_lr / method.value_lr{hint}") from None
+            if not (e.skippable and self.policy == "skip"):
+                hint = "; train.on_nonfinite=skip skips such steps" if e.skippable else ""
+                raise NonFiniteError(f"step {step}: {e}; lower method.dense_lr / method.value_lr{hint}") from None
+            self.skipped += 1
+            loss = None
         if before:
             self.row_update_norms = {n: _update_norm(tables[n], rows) for n, rows in before.items()}
             bad = sorted(n for n, v in self.row_update_norms.items() if not torch.isfinite(torch.tensor(v)))
