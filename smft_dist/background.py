@@ -14,13 +14,13 @@ import torch
 import torch.distributed as dist
 
 from smft_dist.config import JobConfig, load_config
-from smft_dist.data import build_stream, load_tokenizer
+from smft_dist.data import DataError, build_stream, load_tokenizer
 from smft_dist.distributed.env import init_distributed
 from smft_dist.distributed.parallelize import parallelize
 from smft_dist.smft.background import BackgroundStats
 from smft_dist.smft.methods import MethodPlan
 from smft_dist.smft.slot_counts import SlotCounter
-from smft_dist.train import build_model
+from smft_dist.train import USER_ERRORS, build_model
 
 
 @torch.no_grad()
@@ -55,11 +55,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, default=1000, help="background batches (paper: 1000)")
     p.add_argument("overrides", nargs="*", help="key=value overrides")
     args = p.parse_args(argv)
-    stats = collect(load_config(args.config, args.overrides), args.batches)
-    if dist.get_rank() == 0:
-        stats.save(args.out)
-        print(f"background: df over {stats.num_batches} batches -> {args.out}")
-    dist.destroy_process_group()
+    try:
+        stats = collect(load_config(args.config, args.overrides), args.batches)
+        if stats.num_batches == 0:
+            raise DataError("data.background: the stream gave no batch")
+        if dist.get_rank() == 0:
+            stats.save(args.out)
+            print(f"background: df over {stats.num_batches} batches -> {args.out}")
+    except USER_ERRORS as e:
+        raise SystemExit(f"smft_dist.background: {e}") from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -290,10 +290,14 @@ class CheckpointConfig:
     dir: str = "checkpoints"
     interval: int = 0  # steps between saves; 0 = only at the end
     keep_last: int = 3  # complete checkpoints kept; 0 = keep all
+    on_corrupt: str = "fail"  # a damaged checkpoint: fail (naming the intact older step) | previous (resume from it)
 
     def validate(self) -> None:
         _require(self.interval >= 0, "checkpoint.interval", "must be >= 0")
         _require(self.keep_last >= 0, "checkpoint.keep_last", "must be >= 0")
+        _require(self.on_corrupt in ("fail", "previous"), "checkpoint.on_corrupt", f"{self.on_corrupt!r} is not fail|previous")
+        _require(self.on_corrupt == "fail" or self.keep_last != 1, "checkpoint.keep_last",
+                 "on_corrupt=previous needs an older checkpoint to fall back to: keep_last >= 2 (or 0, keep all)")
 
 
 # ----------------------------------------------------------------------------------------- train
@@ -311,6 +315,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # floor of cosine / linear decay, as a fraction of the base lr
     log_every: int = 10
     export_hf: bool = True  # write a consolidated save_pretrained model to out_dir/hf at the end
+    on_nonfinite: str = "fail"  # a NaN/inf loss: fail (one line naming the step) | skip (no update that step)
 
     def validate(self) -> None:
         _require(self.steps >= 0, "train.steps", "must be >= 0")
@@ -319,6 +324,7 @@ class TrainConfig:
         _require(self.warmup_steps >= 0, "train.warmup_steps", "must be >= 0")
         _require(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must be in [0, 1]")
         _require(self.log_every > 0, "train.log_every", "must be positive")
+        _require(self.on_nonfinite in ("fail", "skip"), "train.on_nonfinite", f"{self.on_nonfinite!r} is not fail|skip")
 
 
 # ------------------------------------------------------------------------------------------- job
@@ -340,6 +346,24 @@ class JobConfig:
         self.method.validate()
         for section in (self.data, self.eval, self.distributed, self.sparse_optim, self.checkpoint, self.train):
             section.validate()
+        _require(self.train.on_nonfinite == "fail" or self.distributed.grad_accum_steps == 1, "train.on_nonfinite",
+                 "skip needs distributed.grad_accum_steps=1 (earlier micro-batches' rows update inside their backward)")
+        if not self.train.init_from:  # else the model comes from the saved one: build_model checks it
+            self.validate_model_fit()
+
+    def validate_model_fit(self) -> None:
+        """Fields that must agree with the model: sequence lengths and top-t against its size."""
+        limit = self.model.max_seq_len
+        for name in ("pretrain", "background", "continual"):
+            stream = getattr(self.data, name)
+            if stream.source.path:
+                _require(stream.seq_len <= limit, f"data.{name}.seq_len", f"{stream.seq_len} exceeds model.max_seq_len={limit}")
+        for i, task in enumerate(self.eval.tasks):
+            if task.kind == "nll":
+                _require(task.seq_len <= limit, f"eval.tasks[{i}].seq_len", f"{task.seq_len} exceeds model.max_seq_len={limit}")
+        slots = self.model.memory.num_slots
+        if self.method.name == "smft" and self.method.ranking != "all" and self.model.memory.layers:
+            _require(self.method.top_t <= slots, "method.top_t", f"{self.method.top_t} exceeds the {slots} slots of a memory table")
 
 
 # --------------------------------------------------------------------------------------- loading

@@ -20,6 +20,7 @@ from smft_dist.config import ConfigError, JobConfig, TrainConfig, load_config
 from smft_dist.data import DataError, build_stream, load_tokenizer
 from smft_dist.distributed.checkpoint import CheckpointError, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from smft_dist.distributed.env import LaunchError, init_distributed
+from smft_dist.distributed.nonfinite import NonFiniteError, NonFiniteGuard
 from smft_dist.distributed.parallelize import Parallel, parallelize, train_step
 from smft_dist.eval import run_eval
 from smft_dist.metrics import MetricLogger
@@ -50,6 +51,7 @@ def build_model(cfg: JobConfig) -> Transformer:
             raise ConfigError(f"train.init_from: {path} is not a save_pretrained directory (no config.json)")
         model = SMFTForCausalLM.from_pretrained(str(path)).model
         cfg.model = model.cfg
+        cfg.validate_model_fit()
         return model
     return Transformer(cfg.model, build_value_tables=False)
 
@@ -85,10 +87,11 @@ def train(cfg: JobConfig) -> dict[str, float]:
     stream = build_stream(stream_cfg, tokenizer, rank=env.rank, world_size=env.world_size, seed=cfg.data.seed,
                           cache_dir=cfg.data.cache_dir, num_proc=cfg.data.num_proc)
     if (ckpt := latest_checkpoint(cfg.checkpoint.dir)) is not None:
-        manifest = load_checkpoint(par, ckpt)
+        manifest = load_checkpoint(par, ckpt, on_corrupt=cfg.checkpoint.on_corrupt)
         progress["step"] = manifest["step"]
         restore_data_state(stream, manifest["trainer"]["data"], env.rank, env.world_size)
-    logger = MetricLogger(cfg.train.out_dir, env.is_main)
+    logger = MetricLogger(cfg.train.out_dir, env.is_main, resume_step=progress["step"])
+    guard = NonFiniteGuard(par, cfg.train.on_nonfinite)
     if env.is_main:
         print(f"train: {cfg.method.name} on {cfg.train.stream} stream, {env.world_size} rank(s) on {device.type}, "
               f"from step {progress['step']} to {cfg.train.steps}", flush=True)
@@ -108,14 +111,17 @@ def train(cfg: JobConfig) -> dict[str, float]:
             batches = iter(stream)
             continue
         mult = lr_multiplier(progress["step"], cfg.train)
-        loss = train_step(par, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device),
-                          dense_lr=cfg.method.dense_lr * mult, value_lr=cfg.method.value_lr * mult)
-        progress["step"] += 1
-        step = progress["step"]
+        step = progress["step"] + 1
+        logged = step % cfg.train.log_every == 0 or step == cfg.train.steps
+        loss = guard.step(step, lambda: train_step(
+            par, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device),
+            dense_lr=cfg.method.dense_lr * mult, value_lr=cfg.method.value_lr * mult), measure_rows=logged)
+        progress["step"] = step
         tokens += int(batch["attention_mask"].sum()) * env.world_size
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+        if logged:
             elapsed = time.perf_counter() - t0
-            metrics = {"loss": loss, "lr_mult": mult, "tokens_per_s": tokens / elapsed}
+            metrics = {"loss": math.nan if loss is None else loss, "lr_mult": mult, "tokens_per_s": tokens / elapsed,
+                       **guard.metrics()}
             for i, sel in plan.selectors.items():
                 metrics[f"rows_trained/layer{i}"] = float(sel.selected.sum())
                 metrics[f"slots_accessed/layer{i}"] = float((sel.counts > 0).sum())
@@ -147,7 +153,7 @@ def evaluate(par: Parallel, tokenizer, cfg: JobConfig) -> dict[str, float]:
 
 
 # Bad input (config, data, checkpoint, launch environment): one line naming it, no traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, LaunchError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, LaunchError, NonFiniteError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> None:

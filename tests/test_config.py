@@ -11,7 +11,7 @@ from smft_dist.model import LocalValueTable, Transformer
 
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("model:\n  dim: 32\n  memory:\n    layers: [1]\n    n_keys: 8\n    topk: 4\n")
+    path.write_text("model:\n  dim: 32\n  memory:\n    layers: [1]\n    n_keys: 8\n    topk: 4\nmethod:\n  top_t: 64\n")
     cfg = load_config(path, ["model.memory.heads=2", "model.norm_eps=1e-6"])
     assert isinstance(cfg, JobConfig)
     assert (cfg.model.dim, cfg.model.memory.layers, cfg.model.memory.heads, cfg.model.norm_eps) == (32, [1], 2, 1e-6)

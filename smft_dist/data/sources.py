@@ -70,16 +70,32 @@ def _load_local(files: list[str], fmt: str, fields: tuple[str, ...], streaming: 
     try:
         ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, cache_dir=cache_dir)
         if not streaming:
+            if len(ds) == 0:
+                raise DataError(f"{', '.join(files)}: has no records")
             _check_columns(ds, fields, ", ".join(files))
         return ds
     except Exception as e:  # find the file (and line) at fault, outside this handler
         failure = e
+    empty = [f for f in files if _has_no_records(f, fmt)]
+    if empty:
+        raise DataError(f"{empty[0]}: has no records") from None
     check = {"jsonl": check_jsonl, "parquet": _check_parquet}.get(fmt)
     for f in files if check else ():
         check(f, fields)
     if isinstance(failure, DataError):
         raise failure
     raise DataError(f"{', '.join(files)}: {type(failure).__name__}: {failure}".splitlines()[0]) from failure
+
+
+def _has_no_records(path: str, fmt: str) -> bool:
+    """The file is empty, blank, or a parquet file of zero rows."""
+    if fmt == "parquet":
+        return Path(path).stat().st_size == 0 or pq.ParquetFile(path).metadata.num_rows == 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            if chunk.strip():
+                return False
+    return True
 
 
 def _check_columns(ds, fields: tuple[str, ...], where: str) -> None:

@@ -21,7 +21,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) 
     """
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size <= len(alphabet) + 3:
-        raise ValueError(f"vocab_size={vocab_size} must exceed the {len(alphabet)} byte symbols + 3 special tokens")
+        raise ConfigError(f"vocab_size={vocab_size} must exceed the {len(alphabet)} byte symbols + 3 special tokens")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -42,7 +42,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"data.tokenizer: cannot load {path!r} ({first})") from None
     if tok.eos_token_id is None:
-        raise ValueError(f"{path}: tokenizer has no eos token")
+        raise ConfigError(f"data.tokenizer: {path} has no eos token")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -2,5 +2,6 @@
 
 ``env`` (launch environment, process group), ``sharding`` (value tables as TorchRec EBCs),
 ``weighted_dist`` (score gradients through the sharded lookup), ``dense`` (DeepSpeed),
-``parallelize`` (composition + one train step), ``checkpoint`` (DCP + DeepSpeed, HF export).
+``parallelize`` (composition + one train step), ``nonfinite`` (NaN/inf loss, gradient and row checks),
+``checkpoint`` (DCP + DeepSpeed, checksums, HF export).
 """

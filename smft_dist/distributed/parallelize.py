@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 from smft_dist.config import JobConfig
 from smft_dist.distributed.dense import build_dense_engine, dense_dtype, set_dense_lr
+from smft_dist.distributed.nonfinite import check_loss
 from smft_dist.distributed.sharding import ShardedValueTable
 from smft_dist.model.transformer import Transformer, lm_loss, value_table_names
 from smft_dist.model.value_table import SeededRows
@@ -90,7 +91,8 @@ def train_step(
     gradient-accumulation boundary. The local loss is the token sum over the *global* token count
     times the world size, so the ranks' averaged gradients equal one process over the global batch
     even when ranks hold different numbers of label tokens. Every rank must pass the same batch
-    shape (TorchRec's row-wise lookup expects as many bags from every rank).
+    shape (TorchRec's row-wise lookup expects as many bags from every rank). A non-finite global
+    loss raises :class:`~smft_dist.distributed.nonfinite.NonFiniteError` before the backward.
     """
     if value_lr is not None and par.values_train:
         for table in par.tables.values():
@@ -101,6 +103,7 @@ def train_step(
     loss_sum = lm_loss(logits, labels, reduction="sum")
     stats = torch.stack([loss_sum.detach().float(), (labels[:, 1:] != -100).sum().float()])
     dist.all_reduce(stats)
+    check_loss(stats[0])  # before the backward: the fused row optimizer steps inside it
     loss = loss_sum * dist.get_world_size() / stats[1].clamp(min=1)
     if par.engine is None:
         (loss / par.grad_accum_steps).backward()  # as DeepSpeed scales it

@@ -28,7 +28,7 @@ from torchrec.distributed.shard import shard
 from torchrec.distributed.sharding_plan import construct_module_sharding_plan, data_parallel, row_wise
 from torchrec.distributed.types import ShardingEnv, ShardingType
 
-from smft_dist.config import SparseOptimConfig
+from smft_dist.config import ConfigError, SparseOptimConfig
 from smft_dist.distributed import torchrec_guards
 from smft_dist.distributed.weighted_dist import sharded_weights
 from smft_dist.model.value_table import SeededRows, ValueTable, split_bags
@@ -48,8 +48,8 @@ _CUDA_ONLY = {"adam", "partial_rowwise_adam"}
 def fused_params(cfg: SparseOptimConfig, lr: float, device_type: str) -> dict:
     """FBGEMM fused-optimizer parameters for ``cfg`` at ``lr``; Adam variants exist only on CUDA."""
     if cfg.type in _CUDA_ONLY and device_type != "cuda":
-        raise ValueError(
-            f"sparse_optim.type={cfg.type}: FBGEMM has no {cfg.type} kernel on {device_type}; "
+        raise ConfigError(
+            f"sparse_optim.type: FBGEMM has no {cfg.type} kernel on {device_type}; "
             "use exact_sgd or exact_rowwise_adagrad"
         )
     params: dict = {"optimizer": _OPTIMIZERS[cfg.type], "learning_rate": lr}
@@ -98,7 +98,7 @@ class ShardedValueTable(ValueTable):
         super().__init__()
         self.num_rows, self.dim = init.shape
         if self.dim % 4:
-            raise ValueError(f"value table {name!r}: dim {self.dim} must be a multiple of 4 (FBGEMM TBE rows)")
+            raise ConfigError(f"model.memory.v_dim: value table {name!r} has dim {self.dim}, FBGEMM needs a multiple of 4")
         self.name, self.placement, self.split = name, placement, split
         self.features = SPLIT_FEATURES if split else WHOLE_FEATURES
         self.group = group if group is not None else dist.group.WORLD
@@ -215,5 +215,5 @@ class ShardedValueTable(ValueTable):
 
 def _replicated_optimizer(cfg: SparseOptimConfig, lr: float, weight: torch.Tensor) -> torch.optim.Optimizer:
     if cfg.type != "exact_sgd":
-        raise ValueError(f"distributed.table_placement=data_parallel supports sparse_optim.type=exact_sgd, not {cfg.type}")
+        raise ConfigError(f"sparse_optim.type: distributed.table_placement=data_parallel supports exact_sgd, not {cfg.type}")
     return torch.optim.SGD([weight], lr=lr)

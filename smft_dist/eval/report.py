@@ -10,13 +10,15 @@ import argparse
 import json
 from pathlib import Path
 
+from smft_dist.data.schemas import DataError
+
 
 def last_eval(path: str | Path) -> dict[str, float]:
     """The last line of ``path`` that carries eval metrics, without its bookkeeping keys."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r.get("split") == "eval"]
     if not rows:
-        raise ValueError(f"{path}: no eval results")
+        raise DataError(f"{path}: no eval results")
     return {k: v for k, v in rows[-1].items() if k not in ("step", "split")}
 
 
@@ -25,7 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("before")
     p.add_argument("after")
     args = p.parse_args(argv)
-    before, after = last_eval(args.before), last_eval(args.after)
+    try:
+        before, after = last_eval(args.before), last_eval(args.after)
+    except (DataError, OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"smft_dist.eval.report: {e}") from None
     print(f"{'metric':<24}{'before':>10}{'after':>10}{'change':>10}")
     for key in sorted(before.keys() & after.keys()):
         if key.endswith(("/count", "/tokens")):

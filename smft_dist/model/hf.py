@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from smft_dist.config import MemoryConfig, ModelConfig, from_dict, to_dict
+from smft_dist.config import ConfigError, MemoryConfig, ModelConfig, from_dict, to_dict
 from smft_dist.model.transformer import Transformer, lm_loss
 
 
@@ -103,9 +103,9 @@ def from_llama(path: str | Path, memory: MemoryConfig) -> SMFTForCausalLM:
     lc = llama.config
     head_dim = getattr(lc, "head_dim", None) or lc.hidden_size // lc.num_attention_heads
     if head_dim * lc.num_attention_heads != lc.hidden_size:
-        raise ValueError(f"{path}: head_dim {head_dim} * heads {lc.num_attention_heads} != hidden_size {lc.hidden_size}")
+        raise ConfigError(f"{path}: head_dim {head_dim} * heads {lc.num_attention_heads} != hidden_size {lc.hidden_size}")
     if getattr(lc, "attention_bias", False) or getattr(lc, "mlp_bias", False):
-        raise ValueError(f"{path}: Llama checkpoints with attention/MLP biases are not supported")
+        raise ConfigError(f"{path}: Llama checkpoints with attention/MLP biases are not supported")
     rope = getattr(lc, "rope_parameters", None) or {}
     rope_theta = rope.get("rope_theta", getattr(lc, "rope_theta", 10000.0))
     cfg = ModelConfig(

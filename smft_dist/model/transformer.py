@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smft_dist.config import ModelConfig
+from smft_dist.config import ConfigError, ModelConfig
 from smft_dist.model.memory import MemoryLayer
 from smft_dist.model.value_table import LocalValueTable, ValueTable
 
@@ -141,7 +141,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, S = input_ids.shape
         if S > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+            raise ConfigError(f"model.max_seq_len: a sequence of {S} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         if attention_mask is None or bool(attention_mask.all()):
             valid, attn_mask = None, None
             positions = torch.arange(S, device=input_ids.device).expand(B, S)

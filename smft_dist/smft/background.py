@@ -52,6 +52,6 @@ class BackgroundStats:
             tensors = load_file(str(path))
         except Exception as e:  # noqa: BLE001 - any decoding failure means a bad file
             raise DataError(f"background statistics {path}: unreadable ({e})") from None
-        if "num_batches" not in meta:
-            raise DataError(f"background statistics {path}: missing num_batches metadata")
+        if not meta.get("num_batches", "").isdigit() or int(meta["num_batches"]) <= 0:
+            raise DataError(f"background statistics {path}: num_batches metadata is {meta.get('num_batches')!r}, not a positive count")
         return cls({k.removeprefix("df."): v for k, v in tensors.items()}, int(meta["num_batches"]))

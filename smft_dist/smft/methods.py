@@ -86,7 +86,11 @@ def apply_method(
                 if background is None or name not in background.df:
                     raise ConfigError(f"method.background: ranking 'tfidf' needs df statistics for table {name!r} "
                                       "(python -m smft_dist.background)")
-                weights = idf(background.df[name], background.num_batches)
+                df, slots = background.df[name], block.ffn.cfg.num_slots
+                if df.numel() != slots or background.num_batches <= 0:
+                    raise ConfigError(f"method.background: df statistics for table {name!r} cover {df.numel()} slots over "
+                                      f"{background.num_batches} batches; the model has {slots} slots (collect them for this model)")
+                weights = idf(df, background.num_batches)
             sel = TopTSelector(SlotCounter(block.ffn.cfg.num_slots, group), cfg.top_t, cfg.ranking, weights, seed_fn)
             block.ffn.trainable_selector = selectors[i] = sel
     dense = [p for _, p in model.dense_parameters() if p.requires_grad]
