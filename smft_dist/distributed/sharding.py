@@ -26,14 +26,13 @@ import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.shard import shard
 from torchrec.distributed.sharding_plan import construct_module_sharding_plan, data_parallel, row_wise
 from torchrec.distributed.types import ShardingEnv, ShardingType
-
-from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, init_from_local_shards
 
 from smft_dist.config import JobConfig, SparseOptimConfig
 from smft_dist.distributed.weighted_dist import sharded_weights
@@ -85,7 +84,9 @@ class ValueTableSharder(EmbeddingBagCollectionSharder):
     CPU runs (tests, laptops) use the same placement as GPU runs thanks to this one override.
     TorchRec 1.8 offers DENSE only for DATA_PARALLEL ("TODO re-enable model parallel and dense"), but
     its row-wise lookup builds the DENSE kernel (``BatchedDenseEmbeddingBag``) as for any sharding;
-    the tests check it against a local table on 1 and 2 ranks.
+    the tests check it against a local table on 1 and 2 ranks. (torch warns that FBGEMM's dense
+    lookup op has no autograd kernel registered: its row and per-sample-weight gradients come from
+    FBGEMM's own autograd function, and those gradients are what the tests compare.)
     """
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
@@ -236,17 +237,24 @@ class ShardedValueTable(ValueTable):
             return self.ebc.fused_optimizer.state_dict()
         state = self.row_optimizer.state_dict()
         if self._sharded_state:
+            (param_state,) = state["state"].values()
+            for key, sharded in self._sharded_state.items():
+                if sharded.local_shards()[0].tensor is not param_state[key]:  # AdamW updates its state in place
+                    raise RuntimeError(f"value table {self.name!r}: the row optimizer replaced its {key!r} tensor")
             state["state"] = {k: {**v, **self._sharded_state} for k, v in state["state"].items()}
         return state
 
     def _shard_optimizer_state(self) -> dict[str, ShardedTensor]:
         """Row-wise: the torch optimizer's per-row state as sharded tensors laid out like the rows, so
-        a checkpoint holds every rank's part (a plain tensor would be saved from one rank only)."""
+        a checkpoint holds every rank's part (a plain tensor would be saved from one rank only). Built
+        as TorchRec builds its own sharded tensors (the weight's metadata; no collective)."""
         (param,) = self.row_optimizer.state
         weight = self.ebc.state_dict()[self.weight_key]
         (own,) = weight.local_shards()
         return {
-            key: init_from_local_shards([Shard(value, own.metadata)], *weight.size(), process_group=self.group)
+            key: ShardedTensor._init_from_local_shards_and_global_metadata(
+                [Shard(value, own.metadata)], weight.metadata(), process_group=self.group
+            )
             for key, value in self.row_optimizer.state[param].items()
             if value.shape == own.tensor.shape
         }
