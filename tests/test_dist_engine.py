@@ -16,16 +16,21 @@ from tests.distributed_helpers import (
 from tests.multiproc import run_ranks
 
 
-def _equivalence(rank: int, world: int, zero_stage: int, device_type: str, method: str = "pretrain", values: str | None = None) -> None:
+def _equivalence(
+    rank: int, world: int, zero_stage: int, device_type: str, method: str = "pretrain", values: str | None = None, shared: bool = False
+) -> None:
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     job = tiny_job(method, values, zero_stage=zero_stage, dtype="fp32")
+    if shared:  # both blocks' memory layers read one pool
+        job.model.memory.layers, job.model.memory.shared_values = [0, 1], True
     if job.sparse_optim.type == "adamw":  # AdamW's first steps are ~lr per element: keep fp32 noise small
         job.method.value_lr = job.method.dense_lr = 0.01  # the helper's dense SGD keeps DENSE_LR
         job.sparse_optim.weight_decay = 0.1 if method == "pretrain" else 0.0
     reference, par = build(job, device)
     ref_opt = reference_value_optimizer(reference, job)
-    table = par.tables["mem_values_1"]
-    init_rows = reference.value_tables["mem_values_1"].weight.detach().clone()
+    (table_name,) = par.tables
+    table = par.tables[table_name]
+    init_rows = reference.value_tables[table_name].weight.detach().clone()
     before = dense_state(reference)
     # deepspeed.initialize has run: this rank's shard still holds its own rows
     lo = table.row_offsets[rank] if table.placement == "row_wise" else 0
@@ -43,8 +48,9 @@ def _equivalence(rank: int, world: int, zero_stage: int, device_type: str, metho
     for name in expected:
         torch.testing.assert_close(after[name].cpu(), expected[name], msg=name)
     moved = {n for n in expected if not torch.equal(expected[n], before[n])}
-    assert {"layers.1.ffn.query.weight", "layers.1.ffn.keys"} <= moved, "score gradients did not reach query/keys"
-    new_rows = reference.value_tables["mem_values_1"].weight.detach()
+    for i in job.model.memory.layers:
+        assert {f"layers.{i}.ffn.query.weight", f"layers.{i}.ffn.keys"} <= moved, "score gradients did not reach query/keys"
+    new_rows = reference.value_tables[table_name].weight.detach()
     torch.testing.assert_close(table.full_weight().cpu(), new_rows)
     assert torch.equal(table.local_weight().cpu(), table.full_weight().cpu()[own]), "shard moved after the step"
     assert not torch.equal(new_rows, init_rows)
@@ -62,11 +68,12 @@ def test_one_rank_equals_one_process():
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("method, values", [("pretrain", "adamw"), ("full_ft", None)])
-def test_adamw_value_rows_two_ranks_equal_one_process(method, values):
+@pytest.mark.parametrize("method, values, shared", [("pretrain", "adamw", False), ("full_ft", None, False), ("pretrain", "adamw", True)])
+def test_adamw_value_rows_two_ranks_equal_one_process(method, values, shared):
     """Rows under the non-fused kernel + torch AdamW: pretraining at value_lr, full_ft with the dense
-    AdamW's settings; score gradients still reach query and keys through the row-wise lookup."""
-    run_ranks(_equivalence, 2, 0, "cpu", method, values)
+    AdamW's settings, a pool shared by two layers (one update of the summed gradient; both layers'
+    score gradients read the rows of the forward); query and keys learn through the row-wise lookup."""
+    run_ranks(_equivalence, 2, 0, "cpu", method, values, shared)
 
 
 @pytest.mark.cuda
