@@ -25,7 +25,7 @@ OUT = Path("runs/bench_continual")
 METHODS = {  # overrides of the quickstart's SMFT config, paper-style optimizers per method
     "smft": [],
     "memory_ft": ["method.name=memory_ft"],
-    "full_ft": ["method.name=full_ft", "method.dense_lr=1e-3", "method.value_lr=0.05", "sparse_optim.type=exact_rowwise_adagrad"],
+    "full_ft": ["method.name=full_ft", "method.dense_lr=1e-3", "sparse_optim.type=adamw"],  # AdamW on every parameter
     "lora": ["method.name=lora", "method.lora_rank=16", "method.lora_alpha=32", "method.dense_lr=1e-3"],
 }
 

@@ -5,7 +5,7 @@
 #   3. collect background df statistics;
 #   4. learn the new facts by sparse memory finetuning, one fact per step;
 #   5. print learning (new facts) and forgetting (known facts, held-out text) before vs after.
-# Extra key=value arguments go to stage 4, e.g. `method.top_t=128` or `method.name=full_ft`.
+# Extra key=value arguments go to stage 4, e.g. `method.top_t=128` or `method.name=full_ft sparse_optim.type=adamw`.
 # NPROC=2 runs stages 2-4 on 2 gloo processes.
 set -euo pipefail
 cd "$(dirname "$0")/.."

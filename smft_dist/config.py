@@ -106,8 +106,8 @@ class MethodConfig:
     ranking: str = "tfidf"  # smft: tfidf | tf | random | all
     top_t: int = 500  # smft: value rows trained per batch (paper: 500 facts, 10k documents)
     background: str | None = None  # smft + tfidf: df statistics file (python -m smft_dist.background)
-    value_lr: float = 2.0  # lr of value rows (SGD for smft / memory_ft; paper: 2 low, 5 high)
-    dense_lr: float = 5e-6  # lr of dense / LoRA parameters (AdamW)
+    value_lr: float = 2.0  # lr of value rows (SGD for smft / memory_ft; paper: 2 low, 5 high); not full_ft
+    dense_lr: float = 5e-6  # lr of dense / LoRA parameters (AdamW); full_ft: of value rows too
     weight_decay: float = 0.1  # AdamW, dense / LoRA parameters
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     lora_rank: int = 32
@@ -244,7 +244,8 @@ class EvalConfig:
 
 
 # ----------------------------------------------------------------------------------- distributed
-SPARSE_OPTIMIZERS = ("exact_sgd", "exact_rowwise_adagrad", "adam", "partial_rowwise_adam")
+FUSED_OPTIMIZERS = ("exact_sgd", "exact_rowwise_adagrad", "adam", "partial_rowwise_adam")
+SPARSE_OPTIMIZERS = (*FUSED_OPTIMIZERS, "adamw")
 
 
 @dataclass
@@ -256,7 +257,7 @@ class DistributedConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage for the dense parameters: 0, 1 or 2
     dtype: str = "auto"  # dense training dtype: auto = bf16 on CUDA, fp32 on CPU; or fp32 | bf16
     grad_clip: float = 1.0  # max global grad norm of the dense parameters; 0 = off
-    grad_accum_steps: int = 1  # micro-batches per dense optimizer step
+    grad_accum_steps: int = 1  # stream batches (micro-batches) per optimizer step
 
     def validate(self) -> None:
         _require(self.backend in ("auto", "nccl", "gloo"), "distributed.backend", f"{self.backend!r} is not auto|nccl|gloo")
@@ -269,10 +270,18 @@ class DistributedConfig:
 
 @dataclass
 class SparseOptimConfig:
-    """FBGEMM's fused optimizer for value rows (lr: ``method.value_lr``); it updates rows inside the
-    backward pass."""
+    """The optimizer of value rows (lr: ``method.value_lr``).
 
-    type: str = "exact_sgd"  # exact_sgd | exact_rowwise_adagrad (CPU and CUDA); adam | partial_rowwise_adam (CUDA)
+    ``exact_sgd``, ``exact_rowwise_adagrad`` (CPU and CUDA), ``adam``, ``partial_rowwise_adam`` (CUDA):
+    FBGEMM's fused optimizer, which updates the rows a batch read inside every backward pass.
+    ``adamw``: TorchRec's non-fused kernel accumulates the rows' gradients and ``torch.optim.AdamW``
+    steps each rank's shard once per optimizer step (every row: weight decay and momentum apply to
+    rows the batch did not read, as for a dense parameter). ``full_ft`` requires ``adamw`` and trains
+    the rows with the dense AdamW's settings (``method.dense_lr``, ``method.betas``,
+    ``method.weight_decay``).
+    """
+
+    type: str = "exact_sgd"  # exact_sgd | exact_rowwise_adagrad | adam | partial_rowwise_adam (CUDA) | adamw
     eps: float = 1e-8
     beta1: float = 0.9
     beta2: float = 0.999
@@ -348,6 +357,7 @@ class JobConfig:
             section.validate()
         _require(self.train.on_nonfinite == "fail" or self.distributed.grad_accum_steps == 1, "train.on_nonfinite",
                  "skip needs distributed.grad_accum_steps=1 (earlier micro-batches' rows update inside their backward)")
+        self._validate_value_optimizer()
         if not self.train.init_from:  # else the model comes from the saved one: build_model checks it
             self.validate_model_fit()
 
@@ -364,6 +374,29 @@ class JobConfig:
         slots = self.model.memory.num_slots
         if self.method.name == "smft" and self.method.ranking != "all" and self.model.memory.layers:
             _require(self.method.top_t <= slots, "method.top_t", f"{self.method.top_t} exceeds the {slots} slots of a memory table")
+
+    def _validate_value_optimizer(self) -> None:
+        """Refuse value-row optimizers that would train something other than their name says."""
+        method, opt, dist = self.method.name, self.sparse_optim, self.distributed
+        if method == "full_ft":
+            _require(opt.type == "adamw", "sparse_optim.type", "full_ft trains value rows with AdamW like every other "
+                     "parameter (method.dense_lr, method.betas, method.weight_decay); set sparse_optim.type=adamw")
+            for name in ("beta1", "beta2", "eps", "weight_decay"):
+                _require(getattr(opt, name) == getattr(SparseOptimConfig, name), f"sparse_optim.{name}",
+                         "full_ft trains value rows with the dense AdamW's settings (method.betas, method.weight_decay)")
+        if opt.type == "adamw":
+            _require(method in ("pretrain", "full_ft"), "sparse_optim.type", f"adamw steps every row of the shard "
+                     f"(weight decay, momentum); {method} trains {'no' if method == 'lora' else 'only some'} value rows")
+        if dist.table_placement == "data_parallel":
+            _require(opt.type in ("exact_sgd", "adamw"), "sparse_optim.type",
+                     f"replicated tables (distributed.table_placement=data_parallel) train with exact_sgd or adamw, not {opt.type}")
+        fused_rows = method == "pretrain" and opt.type in FUSED_OPTIMIZERS and dist.table_placement == "row_wise"
+        _require(not (fused_rows and dist.grad_accum_steps > 1), "distributed.grad_accum_steps",
+                 f"the fused sparse_optim.type={opt.type} updates value rows inside every backward, so rows would "
+                 "step once per micro-batch; use sparse_optim.type=adamw (one step per optimizer step)")
+        _require(not (fused_rows and self.model.memory.shared_values and len(self.model.memory.layers) > 1),
+                 "model.memory.shared_values", f"the fused sparse_optim.type={opt.type} updates the shared pool inside "
+                 "each layer's backward, so other layers' score gradients read updated rows; use sparse_optim.type=adamw")
 
 
 # --------------------------------------------------------------------------------------- loading

@@ -2,6 +2,8 @@
 
 Composes the pieces, one line each: process group -> model -> training method -> sharded tables +
 DeepSpeed -> data stream -> resume -> steps (LR schedule, logging, eval, checkpoints) -> HF export.
+A step is an optimizer step over ``distributed.grad_accum_steps`` stream batches; the schedule, the
+intervals and ``train.steps`` count optimizer steps, so checkpoints fall between windows.
 The same code runs one CPU process (gloo) or many GPUs (NCCL) under torchrun, the deepspeed
 launcher or SLURM.
 """
@@ -12,6 +14,7 @@ import argparse
 import math
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -22,6 +25,7 @@ from smft_dist.distributed.checkpoint import CheckpointError, export_hf, latest_
 from smft_dist.distributed.env import LaunchError, init_distributed
 from smft_dist.distributed.nonfinite import NonFiniteError, NonFiniteGuard
 from smft_dist.distributed.parallelize import Parallel, parallelize, train_step
+from smft_dist.distributed.sharding import value_optimizer
 from smft_dist.eval import run_eval
 from smft_dist.metrics import MetricLogger
 from smft_dist.model.hf import SMFTForCausalLM
@@ -54,6 +58,19 @@ def build_model(cfg: JobConfig) -> Transformer:
         cfg.validate_model_fit()
         return model
     return Transformer(cfg.model, build_value_tables=False)
+
+
+def step_batches(stream, micro_batches: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless optimizer-step batches: ``micro_batches`` consecutive stream batches, rows
+    concatenated (``train_step`` splits them again); epochs roll over, also inside a window. The
+    stream's position after a yield is the end of that window."""
+    window: list[dict[str, torch.Tensor]] = []
+    while True:
+        for batch in stream:
+            window.append(batch)
+            if len(window) == micro_batches:
+                yield {k: torch.cat([b[k] for b in window]) for k in window[0]}
+                window = []
 
 
 def data_state(stream, world: int) -> list[dict]:
@@ -104,23 +121,21 @@ def train(cfg: JobConfig) -> dict[str, float]:
         saved = progress["step"]
 
     metrics: dict[str, float] = {}
-    batches, tokens, t0 = iter(stream), 0, time.perf_counter()
+    _, value_lr = value_optimizer(cfg)
+    batches, tokens, t0 = step_batches(stream, cfg.distributed.grad_accum_steps), 0, time.perf_counter()
     while progress["step"] < cfg.train.steps:
-        batch = next(batches, None)
-        if batch is None:  # epoch boundary: the stream starts its next epoch
-            batches = iter(stream)
-            continue
+        batch = next(batches)
         mult = lr_multiplier(progress["step"], cfg.train)
         step = progress["step"] + 1
         logged = step % cfg.train.log_every == 0 or step == cfg.train.steps
         loss = guard.step(step, lambda: train_step(
             par, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device),
-            dense_lr=cfg.method.dense_lr * mult, value_lr=cfg.method.value_lr * mult), measure_rows=logged)
+            dense_lr=cfg.method.dense_lr * mult, value_lr=value_lr * mult), measure_rows=logged)
         progress["step"] = step
-        tokens += int(batch["attention_mask"].sum()) * env.world_size
+        tokens += int(batch["attention_mask"].sum()) * env.world_size  # host tensor: no device sync
         if logged:
             elapsed = time.perf_counter() - t0
-            metrics = {"loss": math.nan if loss is None else loss, "lr_mult": mult, "tokens_per_s": tokens / elapsed,
+            metrics = {"loss": math.nan if loss is None else loss.item(), "lr_mult": mult, "tokens_per_s": tokens / elapsed,
                        **guard.metrics()}
             for i, sel in plan.selectors.items():
                 metrics[f"rows_trained/layer{i}"] = float(sel.selected.sum())

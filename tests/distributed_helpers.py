@@ -16,10 +16,12 @@ from smft_dist.smft.methods import apply_method
 DENSE_LR, VALUE_LR, B, S = 0.5, 2.0, 2, 8  # B: sequences per rank
 
 
-def tiny_job(method: str = "pretrain", **distributed) -> JobConfig:
+def tiny_job(method: str = "pretrain", sparse_optim: str | None = None, **distributed) -> JobConfig:
+    """``sparse_optim``: the value rows' optimizer type (default: the config's; adamw for full_ft)."""
     model = ModelConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, max_seq_len=S,
                         memory=MemoryConfig(layers=[1], n_keys=8, heads=2, topk=4, k_dim=8))
     job = JobConfig(model=model, method=MethodConfig(name=method, dense_lr=DENSE_LR, value_lr=VALUE_LR, top_t=6))
+    job.sparse_optim.type = sparse_optim or ("adamw" if method == "full_ft" else job.sparse_optim.type)
     job.distributed.grad_clip = 0.0
     for k, v in distributed.items():
         setattr(job.distributed, k, v)
@@ -63,15 +65,30 @@ def build(job: JobConfig, device=torch.device("cpu")) -> tuple[Transformer, Para
     return reference, parallelize(model, job, plan, device, dense_optimizer=optimizer)
 
 
-def reference_step(model: Transformer, ids, mask, labels) -> float:
-    """One process, whole batch: SGD on dense (DENSE_LR) and value rows (VALUE_LR)."""
+def reference_value_optimizer(model: Transformer, job: JobConfig) -> torch.optim.Optimizer | None:
+    """A plain torch AdamW over the local tables, as ``job`` configures the rows' AdamW; None for SGD."""
+    from smft_dist.distributed.sharding import value_optimizer
+
+    optim, lr = value_optimizer(job)
+    if optim.type != "adamw":
+        return None
+    return torch.optim.AdamW(model.value_tables.parameters(), lr=lr, betas=(optim.beta1, optim.beta2),
+                             eps=optim.eps, weight_decay=optim.weight_decay)
+
+
+def reference_step(model: Transformer, ids, mask, labels, value_optimizer: torch.optim.Optimizer | None = None) -> float:
+    """One process, whole batch: SGD on dense (DENSE_LR); value rows by ``value_optimizer``, else SGD
+    (VALUE_LR)."""
     model.zero_grad(set_to_none=True)
     loss = lm_loss(model(ids, mask), labels)
     loss.backward()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.grad is not None:
-                p -= (VALUE_LR if name.startswith("value_tables.") else DENSE_LR) * p.grad
+            is_value = name.startswith("value_tables.")
+            if p.grad is not None and not (is_value and value_optimizer is not None):
+                p -= (VALUE_LR if is_value else DENSE_LR) * p.grad
+    if value_optimizer is not None:
+        value_optimizer.step()
     return loss.item()
 
 

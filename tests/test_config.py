@@ -66,3 +66,35 @@ def test_paper_config_is_the_papers_model():
     values = sum(p.numel() for p in model.value_tables.parameters())
     assert cfg.memory.num_slots == 1024**2 and values == 1024**2 * 1024
     assert 1.0e9 < dense < 1.6e9, dense
+
+
+@pytest.mark.parametrize(
+    "overrides,field",
+    [
+        (["method.name=full_ft"], "sparse_optim.type: full_ft trains value rows with AdamW"),
+        (["method.name=full_ft", "sparse_optim.type=adamw", "sparse_optim.weight_decay=0.1"], "sparse_optim.weight_decay"),
+        (["method.name=smft", "sparse_optim.type=adamw"], "sparse_optim.type: adamw steps every row"),
+        (["method.name=lora", "sparse_optim.type=adamw"], "sparse_optim.type: adamw steps every row"),
+        (["method.name=pretrain", "distributed.grad_accum_steps=2"], "distributed.grad_accum_steps: the fused"),
+        (["method.name=pretrain", "sparse_optim.type=exact_rowwise_adagrad", "distributed.table_placement=data_parallel"],
+         "sparse_optim.type: replicated tables"),
+        (["method.name=pretrain", "model.memory.layers=[0,1]", "model.memory.shared_values=true"], "model.memory.shared_values"),
+    ],
+)
+def test_value_optimizers_that_would_train_something_else_are_refused(overrides, field):
+    with pytest.raises(ConfigError, match=f"^{field}"):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["method.name=full_ft", "sparse_optim.type=adamw", "distributed.grad_accum_steps=2"],
+        ["method.name=pretrain", "sparse_optim.type=adamw", "distributed.grad_accum_steps=2",
+         "model.memory.layers=[0,1]", "model.memory.shared_values=true"],
+        ["method.name=pretrain", "distributed.table_placement=data_parallel", "distributed.grad_accum_steps=2"],
+        ["method.name=lora", "distributed.grad_accum_steps=2"],  # rows frozen: the fused kernel runs at lr 0
+    ],
+)
+def test_exact_value_optimizer_combinations_load(overrides):
+    load_config(None, overrides)

@@ -1,4 +1,4 @@
-"""The TorchRec value table equals the local one: lookups, score gradients, fused row updates."""
+"""The TorchRec value table equals the local one: lookups, score gradients, fused and AdamW row updates."""
 
 from __future__ import annotations
 
@@ -13,12 +13,15 @@ from tests.multiproc import run_ranks
 N, D, T, K, LR = 23, 8, 6, 5, 0.5  # 23 rows: uneven row-wise shards (12 + 11)
 
 
-def _lookup_and_update(rank: int, world: int, placement: str) -> None:
-    for smft in (False, True):
-        _check_lookup_and_update(rank, world, placement, smft)
+ADAMW = SparseOptimConfig(type="adamw", beta1=0.8, beta2=0.9, weight_decay=0.1)
 
 
-def _check_lookup_and_update(rank: int, world: int, placement: str, smft: bool) -> None:
+def _lookup_and_update(rank: int, world: int, placement: str, optim: SparseOptimConfig) -> None:
+    for smft in (False, True) if optim.type == "exact_sgd" else (False,):
+        _check_lookup_and_update(rank, world, placement, smft, optim)
+
+
+def _check_lookup_and_update(rank: int, world: int, placement: str, smft: bool, optim: SparseOptimConfig) -> None:
     torch.manual_seed(0)
     ref = LocalValueTable(N, D)
     idx, w = torch.randint(0, N, (world * T, K)), torch.randn(world * T, K)
@@ -28,18 +31,28 @@ def _check_lookup_and_update(rank: int, world: int, placement: str, smft: bool) 
     w_ref = w.clone().requires_grad_()
     out_ref = ref(idx, w_ref, valid, trainable)
     ((out_ref * probe).sum() / world).backward()  # the global loss: mean of the ranks' losses
-    expected = ref.weight.detach() - LR * ref.weight.grad
+    expected = ref.weight.detach().clone().requires_grad_()
+    expected.grad = ref.weight.grad
+    if optim.type == "adamw":  # twice: the second step reads the first one's moments
+        opt = torch.optim.AdamW([expected], lr=LR, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay)
+        opt.step()
+        opt.step()
+    else:
+        torch.optim.SGD([expected], lr=LR).step()
 
-    table = ShardedValueTable("mem_values", ref.weight.detach().clone(), SparseOptimConfig(), LR, placement, split=smft)
+    table = ShardedValueTable("mem_values", ref.weight.detach().clone(), optim, LR, placement, split=smft)
     mine = slice(rank * T, (rank + 1) * T)
     w_mine = w[mine].clone().requires_grad_()
     out = table(idx[mine], w_mine, valid[mine], None if trainable is None else trainable[mine])
     torch.testing.assert_close(out, out_ref[mine].detach())
     (out * probe[mine]).sum().backward()
-    table.step_replicated()
+    table.step()
     # Scores are rank-local: each rank gets d(its loss)/d(its scores), i.e. world x the global-mean grad.
     torch.testing.assert_close(w_mine.grad, world * w_ref.grad[mine])
-    torch.testing.assert_close(table.full_weight(), expected)
+    if optim.type == "adamw":  # the same gradient again: the rows' grads were cleared by the first step
+        table(idx[mine], w[mine], valid[mine]).mul(probe[mine]).sum().backward()
+        table.step()
+    torch.testing.assert_close(table.full_weight(), expected.detach())
     if smft:  # frozen rows untouched, bit for bit
         frozen_only = torch.ones(N, dtype=torch.bool)
         frozen_only[idx[trainable & valid[:, None]]] = False
@@ -48,9 +61,10 @@ def _check_lookup_and_update(rank: int, world: int, placement: str, smft: bool) 
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("placement", ["row_wise", "data_parallel"])
-def test_sharded_table_matches_local(placement):
+@pytest.mark.parametrize("optim", [SparseOptimConfig(), ADAMW], ids=["exact_sgd", "adamw"])
+def test_sharded_table_matches_local(placement, optim):
     for world in (1, 2):
-        run_ranks(_lookup_and_update, world, placement)
+        run_ranks(_lookup_and_update, world, placement, optim)
 
 
 def _lr_schedule(rank: int, world: int) -> None:

@@ -81,6 +81,42 @@ def test_two_ranks_equal_one_rank_and_resume_equals_uninterrupted(world, tmp_pat
     assert [x["step"] for x in lines if x["split"] == "train"] == [1, 2, 3, 4]
 
 
+def _lines(out, split: str) -> list[dict]:
+    return [x for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if x["split"] == split]
+
+
+@pytest.mark.multirank
+def test_gradient_accumulation_counts_optimizer_steps(world, tmp_path):
+    """GAS=2 x batch 2 == GAS=1 x batch 4 through the loop: the LR schedule, logging, eval and
+    checkpoint intervals and train.steps count optimizer steps; resuming under GAS=2 (from a
+    checkpoint between windows) equals running straight through."""
+    from smft_dist.train import lr_multiplier
+
+    common = ["sparse_optim.type=adamw", "method.value_lr=1e-2", "train.warmup_steps=2", "train.lr_schedule=cosine",
+              "checkpoint.interval=2", "eval.every=2",
+              f"eval.tasks=[{{name: heldout, kind: nll, source: {{path: {world}/heldout.jsonl}}, seq_len: 32}}]"]
+    gas2 = [*common, "data.pretrain.batch_size=2", "distributed.grad_accum_steps=2"]
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    run_ranks(_train, 1, _job(world, one, *common))
+    run_ranks(_train, 1, _job(world, two, *gas2))
+    a, b = _exported(one), _exported(two)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
+    cfg = _job(world, two, *gas2)
+    steps = _lines(two, "train")
+    assert [x["step"] for x in steps] == [1, 2, 3, 4]
+    assert [x["lr_mult"] for x in steps] == [lr_multiplier(s, cfg.train) for s in range(4)] == [x["lr_mult"] for x in _lines(one, "train")]
+    assert [x["loss"] for x in steps] == pytest.approx([x["loss"] for x in _lines(one, "train")], rel=1e-5)
+    assert [x["step"] for x in _lines(two, "eval")] == [2, 4]
+    assert sorted(p.name for p in (two / "ckpt").glob("step_*")) == ["step_00000002", "step_00000004"]
+
+    run_ranks(_train, 1, _job(world, resumed, *gas2, "train.steps=2", "train.export_hf=false"))
+    run_ranks(_train, 1, _job(world, resumed, *gas2))
+    c = _exported(resumed)
+    for name in b:
+        torch.testing.assert_close(c[name], b[name], rtol=1e-6, atol=1e-7, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.multirank
 def test_smft_run_with_background_eval_and_export(world, tmp_path):
     pre = tmp_path / "pre"

@@ -6,12 +6,13 @@ or drop shards. The model given here must therefore have its value tables bound 
 registered (``Transformer.bind_value_tables(tables, register=False)``); :func:`build_dense_engine`
 refuses a module that still holds a TorchRec module.
 
-Gradient accumulation: DeepSpeed divides each micro-batch loss by ``grad_accum_steps`` and steps
-the dense optimizer once per ``grad_accum_steps`` backward passes. The fused FBGEMM optimizer of the
-value rows has no such boundary: it updates the rows inside *every* backward, with the 1/GAS-scaled
-gradient of that micro-batch. So over one accumulation window the rows take GAS small steps (later
-micro-batches already read the updated rows), while the dense parameters take one step of the
-summed gradient. For SGD the two agree to first order in the lr.
+Gradient accumulation: ``parallelize.train_step`` runs an optimizer step as ``grad_accum_steps``
+micro-batches, each loss already normalized by the whole window's token count, so it calls
+``engine.backward(loss, scale_wrt_gas=False)`` and ``engine.step()`` after each: DeepSpeed
+accumulates the gradients and steps the dense optimizer at its accumulation boundary, the window's
+last micro-batch. Value rows follow the same window: torch row optimizers step once at its end,
+and the config refuses fused FBGEMM optimizers (which update rows inside every backward) wherever
+that would make rows step per micro-batch.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from smft_dist.config import JobConfig
 from smft_dist.distributed.dense import build_dense_engine, dense_dtype, set_dense_lr
 from smft_dist.distributed.nonfinite import check_loss
-from smft_dist.distributed.sharding import ShardedValueTable
+from smft_dist.distributed.sharding import ShardedValueTable, value_optimizer
 from smft_dist.model.transformer import Transformer, lm_loss, value_table_names
 from smft_dist.model.value_table import SeededRows
 from smft_dist.smft.methods import MethodPlan
@@ -29,7 +29,13 @@ class Parallel:
     engine: deepspeed.DeepSpeedEngine | None
     tables: dict[str, ShardedValueTable]
     values_train: bool = True  # False (lora): rows stay at lr 0 whatever value_lr a step passes
-    grad_accum_steps: int = 1  # micro-batches per step (DeepSpeed's own count when there is an engine)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step (DeepSpeed's own count when there is an engine)
+
+    def step_values(self) -> None:
+        """End of an optimizer step's window, after its last backward: the one place where value rows
+        update outside the backward pass (torch row optimizers; fused ones already stepped)."""
+        for table in self.tables.values():
+            table.step()
 
 
 def shard_value_tables(
@@ -39,11 +45,13 @@ def shard_value_tables(
 
     Rows come from the local tables (identical on every rank) or, for a model built without them
     (``Transformer(cfg, build_value_tables=False)``), from :class:`SeededRows` of ``train.seed``,
-    each rank generating only its own shard. Frozen values (``values_train`` False) keep lr 0: rows
-    stay bit-identical while scores still get gradients. ``split``: lookups carry a trainable mask
-    (sparse memory finetuning).
+    each rank generating only its own shard. The rows' optimizer and lr come from
+    :func:`~smft_dist.distributed.sharding.value_optimizer`. Frozen values (``values_train`` False)
+    keep lr 0: rows stay bit-identical while scores still get gradients. ``split``: lookups carry a
+    trainable mask (sparse memory finetuning).
     """
-    lr = cfg.method.value_lr if values_train else 0.0
+    optim, lr = value_optimizer(cfg)
+    lr = lr if values_train else 0.0
     names = sorted(set(value_table_names(model.cfg).values()))
     slots, dim = model.cfg.memory.num_slots, model.cfg.value_dim
     tables = {}
@@ -51,7 +59,7 @@ def shard_value_tables(
         local = model.value_tables[name] if name in model.value_tables else None
         init = local.full_weight() if local is not None else SeededRows(slots, dim, cfg.train.seed * 1009 + i)
         tables[name] = ShardedValueTable(
-            name, init, cfg.sparse_optim, lr, cfg.distributed.table_placement, device, group, split=split
+            name, init, optim, lr, cfg.distributed.table_placement, device, group, split=split
         )
     model.bind_value_tables(tables, register=False)
     return tables
@@ -84,33 +92,43 @@ def train_step(
     labels: torch.Tensor,
     dense_lr: float | None = None,
     value_lr: float | None = None,
-) -> float:
-    """One micro-batch on this rank's slice of the global batch; returns the global mean loss.
+) -> torch.Tensor:
+    """One optimizer step on this rank's rows of the step's global batch; returns the global mean
+    loss as a 0-dim tensor (call ``.item()`` only to log it; the one host sync per micro-batch is the
+    finiteness check of its loss before the backward).
 
-    Value rows update inside the backward (fused optimizer); the dense optimizer steps at the
-    gradient-accumulation boundary. The local loss is the token sum over the *global* token count
-    times the world size, so the ranks' averaged gradients equal one process over the global batch
-    even when ranks hold different numbers of label tokens. Every rank must pass the same batch
-    shape (TorchRec's row-wise lookup expects as many bags from every rank). A non-finite global
-    loss raises :class:`~smft_dist.distributed.nonfinite.NonFiniteError` before the backward.
+    The rows run as ``par.grad_accum_steps`` equal micro-batches (consecutive row blocks), whose
+    gradients accumulate; dense parameters and torch row optimizers step once at the end. Each
+    micro-batch's loss is its token sum over the *window's* global token count (counted up front)
+    times the world size, so the step equals one backward over the whole global batch, with ranks
+    and micro-batches holding different numbers of label tokens (TorchRec and DeepSpeed average
+    gradients over ranks). Every rank must pass the same batch shape (TorchRec's row-wise lookup
+    expects as many bags from every rank). A non-finite loss raises
+    :class:`~smft_dist.distributed.nonfinite.NonFiniteError` before the backward that would use it.
     """
+    gas = par.grad_accum_steps
+    if input_ids.shape[0] % gas:
+        raise ValueError(f"train_step: {input_ids.shape[0]} rows do not split into grad_accum_steps={gas} micro-batches")
     if value_lr is not None and par.values_train:
         for table in par.tables.values():
             table.set_lr(value_lr)
     if dense_lr is not None and par.engine is not None:
         set_dense_lr(par.engine, dense_lr)
-    logits = (par.engine or par.model)(input_ids, attention_mask)
-    loss_sum = lm_loss(logits, labels, reduction="sum")
-    stats = torch.stack([loss_sum.detach().float(), (labels[:, 1:] != -100).sum().float()])
-    dist.all_reduce(stats)
-    check_loss(stats[0])  # before the backward: the fused row optimizer steps inside it
-    loss = loss_sum * dist.get_world_size() / stats[1].clamp(min=1)
-    if par.engine is None:
-        (loss / par.grad_accum_steps).backward()  # as DeepSpeed scales it
-    else:
-        par.engine.backward(loss)
-    for table in par.tables.values():
-        table.step_replicated()
-    if par.engine is not None:
-        par.engine.step()
-    return (stats[0] / stats[1].clamp(min=1)).item()
+    tokens = (labels[:, 1:] != -100).sum().float()
+    dist.all_reduce(tokens)
+    scale = dist.get_world_size() / tokens.clamp(min=1)
+    loss_sum = torch.zeros((), device=labels.device)
+    masks = attention_mask.chunk(gas) if attention_mask is not None else [None] * gas
+    for ids, mask, lab in zip(input_ids.chunk(gas), masks, labels.chunk(gas)):
+        micro_sum = lm_loss((par.engine or par.model)(ids, mask), lab, reduction="sum")
+        global_sum = micro_sum.detach().float()
+        dist.all_reduce(global_sum)
+        check_loss(global_sum)  # before the backward: fused row optimizers step inside it
+        loss_sum += global_sum
+        if par.engine is None:
+            (micro_sum * scale).backward()
+        else:
+            par.engine.backward(micro_sum * scale, scale_wrt_gas=False)
+            par.engine.step()  # DeepSpeed steps at its accumulation boundary, the window's last micro-batch
+    par.step_values()
+    return loss_sum / tokens.clamp(min=1)

@@ -1,13 +1,19 @@
-"""Memory value tables as TorchRec ``EmbeddingBagCollection`` s: plan, sharder, fused optimizer.
+"""Memory value tables as TorchRec ``EmbeddingBagCollection`` s: plan, sharder, row optimizer.
 
 Each value table becomes one single-table ``EmbeddingBagCollection`` (weighted, sum pooling). Under
 sparse finetuning (``split``) two features read it, ``train`` and ``frozen``
 (:func:`smft_dist.model.value_table.split_bags`); the frozen feature's pooled output is detached, so
 its rows get no update. Otherwise one feature reads it, so the output reduce-scatter carries one
-pooled vector per token, not two. Placement is ROW_WISE over all ranks (default) with the FUSED
-kernel, whose FBGEMM optimizer updates the rows inside the backward pass, or DATA_PARALLEL
-(replicated, small tables; TorchRec's DDP averages the gradients, rows are updated by
-:meth:`ShardedValueTable.step_replicated`).
+pooled vector per token, not two.
+
+Placement and optimizer (:func:`value_optimizer` picks the optimizer and lr from the job):
+
+* ROW_WISE over all ranks (default) with a fused ``sparse_optim.type``: TorchRec's FUSED kernel,
+  whose FBGEMM optimizer updates the rows a batch read inside every backward pass.
+* ROW_WISE with ``adamw``: TorchRec's non-fused DENSE kernel; the rows' gradients accumulate (over
+  micro-batches too) and ``torch.optim.AdamW`` steps this rank's shard in :meth:`ShardedValueTable.step`.
+* DATA_PARALLEL (replicated, small tables): TorchRec's DDP averages the gradients; ``torch.optim.SGD``
+  or ``AdamW`` steps the rows in :meth:`ShardedValueTable.step`.
 
 TorchRec divides table gradients by the world size (a DDP-style mean over ranks): with each rank's
 loss a mean over its own tokens, that equals one process over the global batch, as long as every
@@ -21,6 +27,7 @@ import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from torch import nn
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
@@ -28,7 +35,7 @@ from torchrec.distributed.shard import shard
 from torchrec.distributed.sharding_plan import construct_module_sharding_plan, data_parallel, row_wise
 from torchrec.distributed.types import ShardingEnv, ShardingType
 
-from smft_dist.config import ConfigError, SparseOptimConfig
+from smft_dist.config import ConfigError, JobConfig, SparseOptimConfig
 from smft_dist.distributed import torchrec_guards
 from smft_dist.distributed.weighted_dist import sharded_weights
 from smft_dist.model.value_table import SeededRows, ValueTable, split_bags
@@ -43,6 +50,17 @@ _OPTIMIZERS = {
     "partial_rowwise_adam": EmbOptimType.PARTIAL_ROWWISE_ADAM,
 }
 _CUDA_ONLY = {"adam", "partial_rowwise_adam"}
+
+
+def value_optimizer(cfg: JobConfig) -> tuple[SparseOptimConfig, float]:
+    """The value rows' optimizer and base lr: ``sparse_optim`` at ``method.value_lr``, except under
+    full_ft, where the rows train like every other parameter (the dense AdamW's lr, betas and weight
+    decay; the config requires ``sparse_optim.type=adamw`` there)."""
+    m = cfg.method
+    if m.name == "full_ft":
+        beta1, beta2 = m.betas
+        return SparseOptimConfig("adamw", beta1=beta1, beta2=beta2, weight_decay=m.weight_decay), m.dense_lr
+    return cfg.sparse_optim, m.value_lr
 
 
 def fused_params(cfg: SparseOptimConfig, lr: float, device_type: str) -> dict:
@@ -61,11 +79,16 @@ def fused_params(cfg: SparseOptimConfig, lr: float, device_type: str) -> dict:
 
 
 class ValueTableSharder(EmbeddingBagCollectionSharder):
-    """The EBC sharder, plus ROW_WISE on CPU.
+    """The EBC sharder, plus ROW_WISE on CPU and the non-fused DENSE kernel for ROW_WISE.
 
     TorchRec lists ROW_WISE only for CUDA devices, but FBGEMM's CPU TBE and gloo all-to-alls run it
     correctly (forward, backward and fused updates were checked against a local table with 2 ranks).
     CPU runs (tests, laptops) use the same placement as GPU runs thanks to this one override.
+    TorchRec 1.8 offers DENSE only for DATA_PARALLEL ("TODO re-enable model parallel and dense"), but
+    its row-wise lookup builds the DENSE kernel (``BatchedDenseEmbeddingBag``) as for any sharding;
+    the tests check it against a local table on 1 and 2 ranks. (torch warns that FBGEMM's dense
+    lookup op has no autograd kernel registered: its row and per-sample-weight gradients come from
+    FBGEMM's own autograd function, and those gradients are what the tests compare.)
     """
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
@@ -73,6 +96,12 @@ class ValueTableSharder(EmbeddingBagCollectionSharder):
         if compute_device_type == "cpu" and ShardingType.ROW_WISE.value not in types:
             types.append(ShardingType.ROW_WISE.value)
         return types
+
+    def compute_kernels(self, sharding_type: str, compute_device_type: str) -> list[str]:
+        kernels = super().compute_kernels(sharding_type, compute_device_type)
+        if sharding_type == ShardingType.ROW_WISE.value and EmbeddingComputeKernel.DENSE.value not in kernels:
+            kernels.append(EmbeddingComputeKernel.DENSE.value)
+        return kernels
 
 
 class ShardedValueTable(ValueTable):
@@ -82,6 +111,8 @@ class ShardedValueTable(ValueTable):
     kept) or :class:`~smft_dist.model.value_table.SeededRows`, which generates this rank's rows only.
     ``split``: lookups may pass a ``trainable`` mask (two features, see the module docstring).
     Per-sample weights get gradients under ROW_WISE too (:mod:`smft_dist.distributed.weighted_dist`).
+    ``optim``/``lr``: the rows' optimizer (:func:`value_optimizer`); a torch optimizer (``adamw``, or
+    any replicated table) steps in :meth:`step`, a fused one inside the backward.
     """
 
     def __init__(
@@ -109,9 +140,11 @@ class ShardedValueTable(ValueTable):
             feature_names=list(self.features), pooling=PoolingType.SUM,
         )
         ebc = EmbeddingBagCollection(tables=[config], is_weighted=True, device=torch.device("meta"))
-        sharder = ValueTableSharder(fused_params=fused_params(optim, lr, device.type))
+        fused = placement == "row_wise" and optim.type != "adamw"
+        sharder = ValueTableSharder(fused_params=fused_params(optim, lr, device.type) if fused else None)
         if placement == "row_wise":
-            generator = row_wise(compute_kernel=EmbeddingComputeKernel.FUSED.value)
+            kernel = EmbeddingComputeKernel.FUSED if fused else EmbeddingComputeKernel.DENSE
+            generator = row_wise(compute_kernel=kernel.value)
         else:
             generator = data_parallel()
         plan = construct_module_sharding_plan(
@@ -122,15 +155,14 @@ class ShardedValueTable(ValueTable):
         self.row_offsets = [s.shard_offsets[0] for s in shards] if shards else [0]
         self.row_counts = [s.shard_sizes[0] for s in shards] if shards else [self.num_rows]
         self.register_buffer("shard_starts", torch.tensor(self.row_offsets[1:], device=device), persistent=False)
-        self.replicated_optimizer = None
-        if placement == "data_parallel":
-            self.replicated_optimizer = _replicated_optimizer(optim, lr, self.local_weight())
         with torch.no_grad():
             lo = self.row_offsets[dist.get_rank(self.group)] if shards else 0
             hi = lo + self.local_weight().shape[0]
             self.local_weight().copy_(init[lo:hi] if isinstance(init, torch.Tensor) else init.rows(lo, hi))
+        self.row_optimizer = None if fused else _row_optimizer(optim, lr, dict(self.ebc.named_parameters())[self.weight_key])
+        self._sharded_state = self._shard_optimizer_state() if self.row_optimizer and shards else {}
         torchrec_guards.check_gradient_division()
-        if self.replicated_optimizer is None:
+        if self.row_optimizer is None:
             torchrec_guards.check_step_pushes_lr_only(name, self.ebc.fused_optimizer, self.local_weight())
 
     # ---------------------------------------------------------------------------------- rows
@@ -191,29 +223,61 @@ class ShardedValueTable(ValueTable):
     # ---------------------------------------------------------------------------- optimizer
     def set_lr(self, lr: float) -> None:
         """Learning rate of the next row updates (call before the backward that should use it)."""
-        opt = self.replicated_optimizer or self.ebc.fused_optimizer
+        opt = self.row_optimizer or self.ebc.fused_optimizer
         for group in opt.param_groups:
             group["lr"] = lr
-        if self.replicated_optimizer is None:
+        if self.row_optimizer is None:
             opt.step()  # TorchRec's fused optimizer: step() only pushes the lr into the TBE
 
-    def step_replicated(self) -> None:
-        """DATA_PARALLEL only: update the rows (after backward; TorchRec's DDP averaged the grads)."""
-        if self.replicated_optimizer is None:
+    def step(self) -> None:
+        """Update the rows with the gradients accumulated since the last call (a torch row optimizer;
+        once per optimizer step, after the last backward). Fused optimizers updated them in backward."""
+        if self.row_optimizer is None:
             return
-        self.replicated_optimizer.step()
-        self.replicated_optimizer.zero_grad(set_to_none=True)
+        self.row_optimizer.step()
+        self.row_optimizer.zero_grad(set_to_none=True)
 
     def optimizer_state(self) -> dict:
-        """State of the rows' optimizer (sharded tensors for ROW_WISE), for checkpoints."""
-        opt = self.replicated_optimizer or self.ebc.fused_optimizer
-        return opt.state_dict()
+        """State of the rows' optimizer (sharded tensors for ROW_WISE), for checkpoints; loading
+        writes into these tensors in place."""
+        if self.row_optimizer is None:
+            return self.ebc.fused_optimizer.state_dict()
+        state = self.row_optimizer.state_dict()
+        if self._sharded_state:
+            (param_state,) = state["state"].values()
+            for key, sharded in self._sharded_state.items():
+                if sharded.local_shards()[0].tensor is not param_state[key]:  # AdamW updates its state in place
+                    raise RuntimeError(f"value table {self.name!r}: the row optimizer replaced its {key!r} tensor")
+            state["state"] = {k: {**v, **self._sharded_state} for k, v in state["state"].items()}
+        return state
+
+    def _shard_optimizer_state(self) -> dict[str, ShardedTensor]:
+        """Row-wise: the torch optimizer's per-row state as sharded tensors laid out like the rows, so
+        a checkpoint holds every rank's part (a plain tensor would be saved from one rank only). Built
+        as TorchRec builds its own sharded tensors (the weight's metadata; no collective)."""
+        (param,) = self.row_optimizer.state
+        weight = self.ebc.state_dict()[self.weight_key]
+        (own,) = weight.local_shards()
+        return {
+            key: ShardedTensor._init_from_local_shards_and_global_metadata(
+                [Shard(value, own.metadata)], weight.metadata(), process_group=self.group
+            )
+            for key, value in self.row_optimizer.state[param].items()
+            if value.shape == own.tensor.shape
+        }
 
     def extra_repr(self) -> str:
         return f"{self.name}: num_rows={self.num_rows}, dim={self.dim}, placement={self.placement}"
 
 
-def _replicated_optimizer(cfg: SparseOptimConfig, lr: float, weight: torch.Tensor) -> torch.optim.Optimizer:
-    if cfg.type != "exact_sgd":
-        raise ConfigError(f"sparse_optim.type: distributed.table_placement=data_parallel supports exact_sgd, not {cfg.type}")
-    return torch.optim.SGD([weight], lr=lr)
+def _row_optimizer(cfg: SparseOptimConfig, lr: float, weight: nn.Parameter) -> torch.optim.Optimizer:
+    """The torch optimizer of rows outside FBGEMM (adamw, or a replicated table): SGD or AdamW, its
+    state allocated now so that a checkpoint loads into it before the first step."""
+    if cfg.type == "exact_sgd":
+        return torch.optim.SGD([weight], lr=lr)
+    if cfg.type != "adamw":
+        raise ConfigError(f"sparse_optim.type: {cfg.type} is a fused FBGEMM optimizer; a torch row optimizer is exact_sgd or adamw")
+    opt = torch.optim.AdamW([weight], lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    zeros = lambda: torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)  # noqa: E731
+    opt.state[weight] = {"step": torch.tensor(0.0), "exp_avg": zeros(), "exp_avg_sq": zeros()}
+    return opt
