@@ -14,36 +14,39 @@ N, D, T, K, LR = 23, 8, 6, 5, 0.5  # 23 rows: uneven row-wise shards (12 + 11)
 
 
 def _lookup_and_update(rank: int, world: int, placement: str) -> None:
-    for smft in (False, True):
-        _check_lookup_and_update(rank, world, placement, smft)
+    for deferred in (False, True):
+        _check_lookup_and_update(rank, world, placement, deferred)
 
 
-def _check_lookup_and_update(rank: int, world: int, placement: str, smft: bool) -> None:
+def _check_lookup_and_update(rank: int, world: int, placement: str, deferred: bool) -> None:
+    """Plain: rows update in the backward. Deferred: the backward reaches only the scores; rows in
+    ``selected`` update in ``update_rows`` by the same gradient, every other row stays bit-identical."""
     torch.manual_seed(0)
     ref = LocalValueTable(N, D)
     idx, w = torch.randint(0, N, (world * T, K)), torch.randn(world * T, K)
     valid = torch.rand(world * T) > 0.2
-    trainable = (idx % 3 != 0) if smft else None
     probe = torch.randn(world * T, D)
     w_ref = w.clone().requires_grad_()
-    out_ref = ref(idx, w_ref, valid, trainable)
+    out_ref = ref(idx, w_ref, valid)
     ((out_ref * probe).sum() / world).backward()  # the global loss: mean of the ranks' losses
-    expected = ref.weight.detach() - LR * ref.weight.grad
+    selected = torch.arange(N) % 3 != 0 if deferred else torch.ones(N, dtype=torch.bool)
+    expected = ref.weight.detach() - LR * ref.weight.grad * selected[:, None]
 
-    table = ShardedValueTable("mem_values", ref.weight.detach().clone(), SparseOptimConfig(), LR, placement, split=smft)
+    table = ShardedValueTable("mem_values", ref.weight.detach().clone(), SparseOptimConfig(), LR, placement,
+                              deferred_rows=deferred)
     mine = slice(rank * T, (rank + 1) * T)
     w_mine = w[mine].clone().requires_grad_()
-    out = table(idx[mine], w_mine, valid[mine], None if trainable is None else trainable[mine])
+    out = table(idx[mine], w_mine, valid[mine])
     torch.testing.assert_close(out, out_ref[mine].detach())
     (out * probe[mine]).sum().backward()
+    if deferred:
+        assert torch.equal(table.full_weight(), ref.weight.detach()), "a row moved before update_rows"
+        table.update_rows(selected.nonzero().flatten())
     table.step_replicated()
     # Scores are rank-local: each rank gets d(its loss)/d(its scores), i.e. world x the global-mean grad.
     torch.testing.assert_close(w_mine.grad, world * w_ref.grad[mine])
     torch.testing.assert_close(table.full_weight(), expected)
-    if smft:  # frozen rows untouched, bit for bit
-        frozen_only = torch.ones(N, dtype=torch.bool)
-        frozen_only[idx[trainable & valid[:, None]]] = False
-        assert torch.equal(table.full_weight()[frozen_only], ref.weight.detach()[frozen_only])
+    assert torch.equal(table.full_weight()[~selected], ref.weight.detach()[~selected])
 
 
 @pytest.mark.multirank

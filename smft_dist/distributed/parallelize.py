@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import deepspeed
 import torch
@@ -10,10 +10,11 @@ import torch.distributed as dist
 
 from smft_dist.config import JobConfig
 from smft_dist.distributed.dense import build_dense_engine, dense_dtype, set_dense_lr
-from smft_dist.distributed.sharding import ShardedValueTable
+from smft_dist.distributed.sharding import ShardedValueTable, check_row_optimizer
 from smft_dist.model.transformer import Transformer, lm_loss, value_table_names
 from smft_dist.model.value_table import SeededRows
 from smft_dist.smft.methods import MethodPlan
+from smft_dist.smft.selection import RowSelector, apply_sparse_updates
 
 
 @dataclass
@@ -29,18 +30,25 @@ class Parallel:
     tables: dict[str, ShardedValueTable]
     values_train: bool = True  # False (lora): rows stay at lr 0 whatever value_lr a step passes
     grad_accum_steps: int = 1  # micro-batches per step (DeepSpeed's own count when there is an engine)
+    row_selectors: dict[str, RowSelector] = field(default_factory=dict)  # smft / memory_ft: deferred row updates
+
+    def apply_sparse_updates(self) -> None:
+        """smft / memory_ft, after the last backward of an optimizer step: each table's rows selected
+        from every lookup since the last call (all layers, all micro-batches) update once."""
+        apply_sparse_updates(self.tables, self.row_selectors)
 
 
 def shard_value_tables(
-    model: Transformer, cfg: JobConfig, device: torch.device, values_train: bool = True, split: bool = False, group=None
+    model: Transformer, cfg: JobConfig, device: torch.device, values_train: bool = True, deferred_rows: bool = False,
+    group=None
 ) -> dict[str, ShardedValueTable]:
     """Replace the model's local value tables by TorchRec ones (unregistered: DeepSpeed never sees them).
 
     Rows come from the local tables (identical on every rank) or, for a model built without them
     (``Transformer(cfg, build_value_tables=False)``), from :class:`SeededRows` of ``train.seed``,
     each rank generating only its own shard. Frozen values (``values_train`` False) keep lr 0: rows
-    stay bit-identical while scores still get gradients. ``split``: lookups carry a trainable mask
-    (sparse memory finetuning).
+    stay bit-identical while scores still get gradients. ``deferred_rows``: rows update only in
+    :meth:`Parallel.apply_sparse_updates` (sparse memory finetuning).
     """
     lr = cfg.method.value_lr if values_train else 0.0
     names = sorted(set(value_table_names(model.cfg).values()))
@@ -50,7 +58,7 @@ def shard_value_tables(
         local = model.value_tables[name] if name in model.value_tables else None
         init = local.full_weight() if local is not None else SeededRows(slots, dim, cfg.train.seed * 1009 + i)
         tables[name] = ShardedValueTable(
-            name, init, cfg.sparse_optim, lr, cfg.distributed.table_placement, device, group, split=split
+            name, init, cfg.sparse_optim, lr, cfg.distributed.table_placement, device, group, deferred_rows=deferred_rows
         )
     model.bind_value_tables(tables, register=False)
     return tables
@@ -65,15 +73,17 @@ def parallelize(
 ) -> Parallel:
     """Shard the value tables and wrap the rest in DeepSpeed. ``dense_optimizer`` defaults to AdamW
     (``method.dense_lr``, betas, weight decay) over ``plan.dense_params``; none when they are frozen."""
-    tables = shard_value_tables(model, cfg, device, plan.values_train, split=bool(plan.selectors))
+    if plan.selectors:
+        check_row_optimizer(cfg.sparse_optim, plan.name, len(model.memory_layers()))
+    tables = shard_value_tables(model, cfg, device, plan.values_train, deferred_rows=bool(plan.selectors))
     if not plan.dense_params:
         model = model.to(device, dense_dtype(cfg.distributed, device))
-        return Parallel(model, None, tables, plan.values_train, cfg.distributed.grad_accum_steps)
+        return Parallel(model, None, tables, plan.values_train, cfg.distributed.grad_accum_steps, plan.selectors)
     if dense_optimizer is None:
         m = cfg.method
         dense_optimizer = torch.optim.AdamW(plan.dense_params, lr=m.dense_lr, betas=tuple(m.betas), weight_decay=m.weight_decay)
     engine = build_dense_engine(model, dense_optimizer, cfg.distributed, device)
-    return Parallel(engine.module, engine, tables, plan.values_train, cfg.distributed.grad_accum_steps)
+    return Parallel(engine.module, engine, tables, plan.values_train, cfg.distributed.grad_accum_steps, plan.selectors)
 
 
 def train_step(
@@ -86,7 +96,8 @@ def train_step(
 ) -> float:
     """One micro-batch on this rank's slice of the global batch; returns the global mean loss.
 
-    Value rows update inside the backward (fused optimizer); the dense optimizer steps at the
+    Value rows update inside the backward (fused optimizer), or, for smft / memory_ft, in
+    :meth:`Parallel.apply_sparse_updates` after it; the dense optimizer steps at the
     gradient-accumulation boundary. The local loss is the token sum over the *global* token count
     times the world size, so the ranks' averaged gradients equal one process over the global batch
     even when ranks hold different numbers of label tokens. Every rank must pass the same batch
@@ -106,6 +117,7 @@ def train_step(
         (loss / par.grad_accum_steps).backward()  # as DeepSpeed scales it
     else:
         par.engine.backward(loss)
+    par.apply_sparse_updates()
     for table in par.tables.values():
         table.step_replicated()
     if par.engine is not None:
