@@ -169,3 +169,11 @@ def _stateful_optimizer_with_score_gradients(rank: int, world: int) -> None:
 @pytest.mark.multirank
 def test_stateful_row_optimizer_with_several_memory_layers_is_refused():
     run_ranks(_stateful_optimizer_with_score_gradients, 1)
+
+
+def test_adam_rows_under_sparse_methods_are_refused():
+    from smft_dist.distributed.sharding import check_row_optimizer
+
+    with pytest.raises(ConfigError, match="sparse_optim.type: FBGEMM's adam advances its bias correction"):
+        check_row_optimizer(SparseOptimConfig(type="adam"), "smft", 1)
+    check_row_optimizer(SparseOptimConfig(type="exact_rowwise_adagrad"), "smft", 1)

@@ -9,8 +9,9 @@ Sparse finetuning (``deferred_rows``, see :mod:`smft_dist.model.value_table`): t
 run without row gradient (under ``no_grad`` when the scores need none; otherwise through the TBE at
 lr 0, which with EXACT_SGD leaves every row bit-identical), and :meth:`ShardedValueTable.step_rows`
 runs one more lookup over the selected entries only, whose backward is the step's single row update
-at the scheduled lr. Optimizers with state (Adagrad, Adam) would update their state in an lr-0
-backward, so they are refused when the scores need gradients (:func:`check_row_optimizer`).
+at the scheduled lr. Optimizers with state (Adagrad) would update their state in an lr-0 backward,
+so they are refused when the scores need gradients, and FBGEMM's Adam always
+(:func:`check_row_optimizer`).
 
 TorchRec divides table gradients by the world size (a DDP-style mean over ranks): with each rank's
 loss a mean over its own tokens, that equals one process over the global batch, as long as every
@@ -72,9 +73,15 @@ def fused_params(cfg: SparseOptimConfig, lr: float, device_type: str) -> dict:
 
 
 def check_row_optimizer(cfg: SparseOptimConfig, method: str, memory_layers: int) -> None:
-    """Deferred row updates are exact for every row optimizer while the lookups' scores need no
-    gradient; with several memory layers (smft / memory_ft) an upper layer's scores depend on the
-    rows below, and only exact_sgd backpropagates through the TBE at lr 0 without side effects."""
+    """Row optimizers a deferred row update (smft / memory_ft) runs exactly, else a ConfigError.
+
+    FBGEMM's Adam variants count every lookup forward (the frozen reads, evaluation) as a step of
+    their bias correction. With several memory layers an upper layer's scores depend on the rows
+    below, so the reads backpropagate through the TBE at lr 0: without side effects only for exact_sgd.
+    """
+    if cfg.type in _CUDA_ONLY:
+        raise ConfigError(f"sparse_optim.type: FBGEMM's {cfg.type} advances its bias correction on every lookup forward, "
+                          f"so {method}'s deferred row update would not be exact; use exact_sgd or exact_rowwise_adagrad")
     if memory_layers > 1 and cfg.type != "exact_sgd":
         raise ConfigError(f"sparse_optim.type: {cfg.type} under {method} with {memory_layers} memory layers would update "
                           "its state for every row an upper layer reads (score gradients); use exact_sgd")

@@ -12,7 +12,7 @@ row frozen (the scores still get gradients) and is kept, with its pooled output,
 again, over all kept lookups of every layer reading the table, only the entries whose row is
 selected, and backpropagates the captured d(loss)/d(pooled): each selected row gets the sum of all
 its gradients in one update, and an unselected row never enters a backward, so it stays
-bit-identical whatever the optimizer.
+bit-identical (for the row optimizers ``distributed.sharding.check_row_optimizer`` accepts).
 """
 
 from __future__ import annotations
