@@ -81,14 +81,15 @@ class ValueTable(nn.Module, abc.ABC):
         """The slots each pending lookup read (flat, padding excluded), for slot counting."""
         return [p.indices.flatten() if p.keep is None else p.indices[p.keep] for p in self.pending]
 
-    def update_rows(self, rows: torch.Tensor) -> None:
-        """Apply every pending lookup's gradient to ``rows`` (slot ids) only, one update per row;
-        clears the pending lookups. Collective for sharded tables: call it on every rank."""
+    def update_rows(self, rows: torch.Tensor | None) -> None:
+        """Apply every pending lookup's gradient to ``rows`` (slot ids; None = every row read) only,
+        one update per row; clears the pending lookups. Collective for sharded tables: call it on
+        every rank."""
         pending, self.pending = self.pending, []
         if not pending:
             return
         indices = torch.cat([p.indices for p in pending])
-        keep = torch.isin(indices, rows)
+        keep = torch.isin(indices, rows) if rows is not None else torch.ones_like(indices, dtype=torch.bool)
         for p, k in zip(pending, keep.split([p.indices.shape[0] for p in pending])):
             if p.keep is not None:
                 k &= p.keep

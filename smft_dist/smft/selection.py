@@ -88,4 +88,5 @@ def apply_sparse_updates(tables: Mapping[str, ValueTable], selectors: Mapping[st
         table = tables[name]
         reads = table.pending_slots()
         if reads:
-            table.update_rows(selectors[name](reads))
+            selected = selectors[name](reads)
+            table.update_rows(None if selectors[name].ranking == "all" else selected)
