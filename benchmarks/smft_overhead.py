@@ -1,6 +1,6 @@
-"""Cost of sparse selection: one training step under memory_ft (no selection) vs smft (count,
-rank, split the bag) with tf and tfidf rankings, on the trainer's path (TorchRec table with the
-fused SGD, ``train_step``) in one process.
+"""Cost of sparse selection: one training step under memory_ft (every accessed row) vs smft (count,
+rank, top-t) with tf and tfidf rankings, on the trainer's path (TorchRec table, fused SGD, deferred
+row update in ``train_step``) in one process.
 
     python -m benchmarks.smft_overhead [--n-keys 512 --batch 16 --seq 128]
 """

@@ -40,11 +40,12 @@ def collect(cfg: JobConfig, num_batches: int) -> BackgroundStats:
         if stats.num_batches >= num_batches:
             break
         par.model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        counts: dict[str, torch.Tensor] = {}
+        accessed = {name: torch.zeros_like(df) for name, df in stats.df.items()}
         for layer in layers:  # layers sharing a pool add up: a slot read by any of them was accessed
-            c = SlotCounter(layer.cfg.num_slots).global_counts(layer.last_access)
-            counts[layer.table_name] = counts.get(layer.table_name, 0) + c
-        stats.add_batch(counts)
+            access = layer.last_access
+            slots, _ = SlotCounter().global_counts([access.indices if access.valid is None else access.indices[access.valid]])
+            accessed[layer.table_name][slots.cpu()] = 1
+        stats.add_batch(accessed)
     return stats
 
 

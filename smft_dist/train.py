@@ -137,9 +137,9 @@ def train(cfg: JobConfig) -> dict[str, float]:
             elapsed = time.perf_counter() - t0
             metrics = {"loss": math.nan if loss is None else loss.item(), "lr_mult": mult, "tokens_per_s": tokens / elapsed,
                        **guard.metrics()}
-            for i, sel in plan.selectors.items():
-                metrics[f"rows_trained/layer{i}"] = float(sel.selected.sum())
-                metrics[f"slots_accessed/layer{i}"] = float((sel.counts > 0).sum())
+            for name, sel in plan.selectors.items():
+                metrics[f"rows_trained/{name}"] = float(sel.selected.numel())
+                metrics[f"slots_accessed/{name}"] = float(sel.slots.numel())
             logger.log(step, metrics)
             tokens, t0 = 0, time.perf_counter()
         if step == cfg.train.steps:  # the final eval and checkpoint follow the loop

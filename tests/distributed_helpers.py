@@ -12,6 +12,7 @@ from smft_dist.distributed.parallelize import Parallel, parallelize
 from smft_dist.model.transformer import Transformer, lm_loss
 from smft_dist.smft.background import BackgroundStats
 from smft_dist.smft.methods import apply_method
+from smft_dist.smft.selection import apply_sparse_updates
 
 DENSE_LR, VALUE_LR, B, S = 0.5, 2.0, 2, 8  # B: sequences per rank
 
@@ -53,14 +54,15 @@ def background() -> BackgroundStats:
 def build(job: JobConfig, device=torch.device("cpu")) -> tuple[Transformer, Parallel]:
     """Same-seed model on every rank; returns (a local reference copy, the parallelized model).
 
-    The reference counts slots over this rank alone (it sees the whole batch by itself)."""
+    The reference counts slots over this rank alone (it sees the whole batch by itself); its row
+    selectors ride along as ``reference.row_selectors``."""
     torch.manual_seed(0)
     model = Transformer(job.model)
     bg = background() if job.method.name == "smft" else None
     plan = apply_method(model, job.method, bg)
     reference = copy.deepcopy(model)
     alone = [dist.new_group([r]) for r in range(dist.get_world_size())][dist.get_rank()]
-    apply_method(reference, job.method, bg, group=alone)
+    reference.row_selectors = apply_method(reference, job.method, bg, group=alone).selectors
     optimizer = torch.optim.SGD(plan.dense_params, lr=DENSE_LR) if plan.dense_params else None
     return reference, parallelize(model, job, plan, device, dense_optimizer=optimizer)
 
@@ -82,6 +84,7 @@ def reference_step(model: Transformer, ids, mask, labels, value_optimizer: torch
     model.zero_grad(set_to_none=True)
     loss = lm_loss(model(ids, mask), labels)
     loss.backward()
+    apply_sparse_updates(model.value_tables, model.row_selectors)
     with torch.no_grad():
         for name, p in model.named_parameters():
             is_value = name.startswith("value_tables.")

@@ -91,8 +91,10 @@ def _smft(rank: int, world: int) -> None:
     ref_loss = reference_step(reference, ids, mask, labels)
     loss = train_step(par, *(rank_slice(t, rank, world, world * B) for t in (ids, mask, labels)))
     assert loss.item() == pytest.approx(ref_loss, rel=1e-5)
-    selected = par.model.memory_layers()[0].trainable_selector.selected
-    assert torch.equal(selected, reference.memory_layers()[0].trainable_selector.selected)
+    ids_selected = par.row_selectors["mem_values_1"].selected
+    assert torch.equal(ids_selected, reference.row_selectors["mem_values_1"].selected)
+    selected = torch.zeros(table.num_rows, dtype=torch.bool)
+    selected[ids_selected] = True
     assert int(selected.sum()) == 6
     rows = table.full_weight()
     torch.testing.assert_close(rows, reference.value_tables["mem_values_1"].weight.detach())

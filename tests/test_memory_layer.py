@@ -95,17 +95,20 @@ def test_padded_positions_produce_no_access_and_no_gradient():
     assert grad_rows <= valid_rows and grad_rows
 
 
-def test_trainable_mask_detaches_frozen_entries_without_changing_output():
+def test_deferred_rows_read_frozen_and_update_only_the_given_rows():
     layer, table = _tiny_layer(torch.float32)
     x = torch.randn(7, 5)
     idx, scores = layer.retrieve(x)
-    trainable = idx % 3 == 0
     full = table(idx, scores)
-    split = table(idx, scores, trainable=trainable)
-    torch.testing.assert_close(split, full)
-    split.sum().backward()
+    table.deferred_rows = True
+    deferred = table(idx, scores.detach())
+    torch.testing.assert_close(deferred, full)
+    deferred.sum().backward()
+    assert table.weight.grad is None, "the read carries no row gradient"
+    rows = idx.flatten().unique()[::2]
+    table.update_rows(rows)
     grad_rows = set(table.weight.grad.abs().sum(1).nonzero().flatten().tolist())
-    assert grad_rows == set(idx[trainable].tolist())
+    assert grad_rows == set(rows.tolist()) and not table.pending
 
 
 def test_shared_value_pool_is_one_table():

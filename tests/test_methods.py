@@ -7,6 +7,7 @@ from smft_dist.config import MemoryConfig, MethodConfig, ModelConfig
 from smft_dist.model import Transformer, lm_loss
 from smft_dist.smft.background import BackgroundStats
 from smft_dist.smft.methods import MethodPlan, apply_method, merged_state_dict
+from smft_dist.smft.selection import apply_sparse_updates
 
 CFG = ModelConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, memory=MemoryConfig(layers=[1], n_keys=8, topk=2, heads=2, k_dim=8))
 TABLE = "value_tables.mem_values_1.bag.weight"
@@ -31,6 +32,7 @@ def _step(method: MethodConfig, background=None):
     opts = _local_optimizers(model, plan, method)
     ids = torch.randint(0, 64, (4, 8))
     lm_loss(model(ids), ids).backward()
+    apply_sparse_updates(model.value_tables, plan.selectors)
     for opt in opts:
         opt.step()
     changed = {n for n, p in model.named_parameters() if n in before and not torch.equal(p, before[n])}
@@ -43,11 +45,12 @@ def test_smft_trains_only_top_t_rows_with_tfidf():
     model, plan, changed, before = _step(MethodConfig(name="smft", top_t=4, background="x"), bg)
     assert changed == {TABLE}
     rows = (model.value_tables["mem_values_1"].weight != before[TABLE]).any(1)
-    selected = plan.selectors[1].selected
+    sel = plan.selectors["mem_values_1"]
+    selected = torch.zeros(64, dtype=torch.bool)
+    selected[sel.selected] = True
     assert torch.equal(rows, selected) and int(selected.sum()) == 4
-    counts = plan.selectors[1].counts
-    even_accessed = int(((counts > 0) & (torch.arange(64) % 2 == 0)).sum())
-    assert int((selected & (torch.arange(64) % 2 == 0)).sum()) == min(4, even_accessed), "rare slots rank first"
+    even_accessed = int((sel.slots % 2 == 0).sum())
+    assert int((sel.selected % 2 == 0).sum()) == min(4, even_accessed), "rare slots rank first"
 
 
 def test_memory_ft_trains_every_accessed_row_only():

@@ -1,15 +1,21 @@
-"""Slot counting, TF-IDF top-t selection, and the SMFT invariant: only top-t rows move."""
+"""Slot counting (sparse exchange == dense counts), TF-IDF top-t selection, and the SMFT
+invariant: only top-t rows move."""
 
 import pytest
 import torch
 
 from smft_dist.config import MemoryConfig, ModelConfig
 from smft_dist.model import Transformer, lm_loss
-from smft_dist.model.memory import MemoryAccess
 from smft_dist.smft.background import BackgroundStats
-from smft_dist.smft.selection import TopTSelector, idf, select_top_t
-from smft_dist.smft.slot_counts import SlotCounter
+from smft_dist.smft.selection import RowSelector, apply_sparse_updates, idf, select_top_t
+from smft_dist.smft.slot_counts import SlotCounter, local_counts
 from tests.multiproc import run_ranks
+
+
+def _top(counts: torch.Tensor, t: int, ranking: str, weights=None, seed: int = 0) -> list[int]:
+    """select_top_t over the accessed slots of a dense count vector."""
+    slots = counts.nonzero().flatten()
+    return select_top_t(slots, counts[slots], t, ranking, weights, seed).tolist()
 
 
 def test_tfidf_ranking_follows_the_paper_formula():
@@ -19,29 +25,29 @@ def test_tfidf_ranking_follows_the_paper_formula():
     # tf * idf of the accessed slots: 4/10*log(1)=0, 1/10*log(10)=.230, 3/10*log(5)=.483, 2/10*log(10/6)=.102
     order = [3, 2, 4, 0]
     for t in range(1, 5):
-        assert select_top_t(counts, t, "tfidf", idf(df, 9)).nonzero().flatten().tolist() == sorted(order[:t])
+        assert _top(counts, t, "tfidf", idf(df, 9)) == sorted(order[:t])
 
 
 def test_select_top_t_rankings_and_ties():
     counts = torch.tensor([2, 0, 2, 5, 1, 2])
     df = torch.tensor([0, 0, 0, 3, 0, 0])
     # tf: slot 3 first, then the tie 0, 2, 5 broken towards the lower index
-    assert select_top_t(counts, 3, "tf").nonzero().flatten().tolist() == [0, 2, 3]
+    assert _top(counts, 3, "tf") == [0, 2, 3]
     # tfidf: slot 3 is common in the background -> ranked below the rare ties
-    assert select_top_t(counts, 3, "tfidf", idf(df, 3)).nonzero().flatten().tolist() == [0, 2, 5]
+    assert _top(counts, 3, "tfidf", idf(df, 3)) == [0, 2, 5]
     # never more than the accessed slots, never an unaccessed one
-    assert select_top_t(counts, 100, "tfidf", idf(df, 3)).nonzero().flatten().tolist() == [0, 2, 3, 4, 5]
-    assert select_top_t(counts, 100, "all").tolist() == (counts > 0).tolist()
-    rand = select_top_t(counts, 2, "random", seed=7)
-    assert int(rand.sum()) == 2 and not rand[1] and torch.equal(rand, select_top_t(counts, 2, "random", seed=7))
+    assert _top(counts, 100, "tfidf", idf(df, 3)) == [0, 2, 3, 4, 5]
+    assert _top(counts, 100, "all") == [0, 2, 3, 4, 5]
+    rand = _top(counts, 2, "random", seed=7)
+    assert len(rand) == 2 and 1 not in rand and rand == _top(counts, 2, "random", seed=7)
     with pytest.raises(ValueError, match="background"):
-        select_top_t(counts, 2, "tfidf")
+        _top(counts, 2, "tfidf")
 
 
 def test_counts_exclude_padding():
     idx = torch.tensor([[0, 1], [1, 2], [3, 3]])
-    counts = SlotCounter(5).local_counts(MemoryAccess(idx, torch.tensor([True, True, False])))
-    assert counts.tolist() == [1, 2, 1, 0, 0]
+    slots, counts = local_counts([idx[torch.tensor([True, True, False])]])
+    assert slots.tolist() == [0, 1, 2] and counts.tolist() == [1, 2, 1]
 
 
 def test_background_stats_round_trip(tmp_path):
@@ -64,10 +70,9 @@ def _tiny_model():
 
 def test_smft_step_moves_only_top_t_rows():
     model = _tiny_model()
-    layer = model.memory_layers()[0]
     table = model.value_tables["mem_values_1"]
-    selector = TopTSelector(SlotCounter(64), t=5, ranking="tf")
-    layer.trainable_selector = selector
+    selector = RowSelector(t=5, ranking="tf")
+    table.deferred_rows = True
     for p in model.parameters():
         p.requires_grad_(False)
     table.weight.requires_grad_(True)
@@ -75,9 +80,11 @@ def test_smft_step_moves_only_top_t_rows():
     opt = torch.optim.SGD([table.weight], lr=2.0)
     ids = torch.randint(0, 64, (4, 8))
     lm_loss(model(ids), ids).backward()
+    apply_sparse_updates(model.value_tables, {"mem_values_1": selector})
     opt.step()
 
-    chosen = selector.selected
+    chosen = torch.zeros(64, dtype=torch.bool)
+    chosen[selector.selected] = True
     assert int(chosen.sum()) == 5
     moved = (table.weight != before["value_tables.mem_values_1.bag.weight"]).any(1)
     assert torch.equal(moved, chosen), "exactly the top-t rows change"
@@ -86,23 +93,34 @@ def test_smft_step_moves_only_top_t_rows():
             assert torch.equal(p, before[n]), f"{n} changed"
 
 
-def _rank_selection(rank, world, idx, valid):
-    per = idx.shape[0] // world
-    sl = slice(rank * per, (rank + 1) * per)
-    sel = TopTSelector(SlotCounter(32), t=6, ranking="tf")
-    trainable = sel(idx[sl], valid[sl])
-    return sel.counts, sel.selected, trainable
+def _reads(world: int) -> list[list[torch.Tensor]]:
+    """Per rank, two lookups' slot reads over 40 slots: ties in the counts, a padded (dropped) part,
+    and a rank that reads slots no other rank reads, so the ranks' lists differ in length."""
+    g = torch.Generator().manual_seed(0)
+    reads = []
+    for r in range(world):
+        idx = torch.randint(0, 12, (6, 4), generator=g) + 10 * r
+        valid = torch.rand(6, generator=g) > 0.3
+        reads.append([idx[valid].flatten(), torch.tensor([3, 3, 7, 7, 39][: 2 + 3 * r])])
+    return reads
+
+
+def _sparse_counts(rank: int, world: int, reads: list[list[torch.Tensor]]):
+    slots, counts = SlotCounter().global_counts(reads[rank])
+    selected = {ranking: select_top_t(slots, counts, 4, ranking, torch.linspace(1, 2, 40).double(), seed=3)
+                for ranking in ("tf", "tfidf", "random", "all")}
+    return slots, counts, selected
 
 
 @pytest.mark.multirank
-def test_every_rank_derives_the_same_top_t_as_one_process():
-    g = torch.Generator().manual_seed(0)
-    idx = torch.randint(0, 32, (8, 4), generator=g)
-    valid = torch.rand(8, generator=g) > 0.2
-    ref = TopTSelector(SlotCounter(32), t=6, ranking="tf")
-    ref_trainable = ref(idx, valid)
-    results = run_ranks(_rank_selection, 2, idx, valid)
-    for counts, selected, _ in results:
-        assert torch.equal(counts, ref.counts)
-        assert torch.equal(selected, ref.selected)
-    assert torch.equal(torch.cat([r[2] for r in results]), ref_trainable)
+def test_sparse_count_exchange_equals_dense_counts():
+    for world in (1, 2):
+        reads = _reads(world)
+        dense = sum(torch.bincount(r, minlength=40) for rank in reads for r in rank)
+        assert len(set(dense[dense > 0].tolist())) < int((dense > 0).sum()), "the counts have ties"
+        results = run_ranks(_sparse_counts, world, reads)
+        for slots, counts, selected in results:
+            assert torch.equal(slots, dense.nonzero().flatten()) and torch.equal(counts, dense[slots])
+            assert selected["tf"].tolist() == sorted(sorted(slots.tolist(), key=lambda i: (-int(dense[i]), i))[:4])
+            for ranking, rows in selected.items():
+                assert torch.equal(rows, results[0][2][ranking]), f"{ranking}: ranks disagree"

@@ -134,8 +134,8 @@ def test_smft_run_with_background_eval_and_export(world, tmp_path):
     metrics = run_ranks(_train, 2, _job(world, smft, *overrides))
     same = {k: v for k, v in metrics[0].items() if k != "tokens_per_s"}
     assert same == {k: v for k, v in metrics[1].items() if k != "tokens_per_s"}
-    assert {"eval/new/f1", "eval/heldout/nll", "rows_trained/layer1"} <= metrics[0].keys()
-    assert metrics[0]["rows_trained/layer1"] == 5
+    assert {"eval/new/f1", "eval/heldout/nll", "rows_trained/mem_values_1", "slots_accessed/mem_values_1"} <= metrics[0].keys()
+    assert metrics[0]["rows_trained/mem_values_1"] == 5
     before, after = _exported(pre), _exported(smft)
     moved = (before[TABLE] != after[TABLE]).any(1)
     assert 0 < int(moved.sum()) <= 3 * 5, "at most top_t rows per step move"

@@ -72,6 +72,7 @@ class NonFiniteGuard:
             if not (e.skippable and self.policy == "skip"):
                 hint = "; train.on_nonfinite=skip skips such steps" if e.skippable else ""
                 raise NonFiniteError(f"step {step}: {e}; lower method.dense_lr / method.value_lr{hint}") from None
+            self.par.discard_step()  # its lookups must not count in the next step's selection
             self.skipped += 1
             loss = None
         if before:

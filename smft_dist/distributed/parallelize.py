@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import deepspeed
 import torch
@@ -11,10 +11,11 @@ import torch.distributed as dist
 from smft_dist.config import JobConfig
 from smft_dist.distributed.dense import build_dense_engine, dense_dtype, set_dense_lr
 from smft_dist.distributed.nonfinite import check_loss
-from smft_dist.distributed.sharding import ShardedValueTable, value_optimizer
+from smft_dist.distributed.sharding import ShardedValueTable, check_row_optimizer, value_optimizer
 from smft_dist.model.transformer import Transformer, lm_loss, value_table_names
 from smft_dist.model.value_table import SeededRows
 from smft_dist.smft.methods import MethodPlan
+from smft_dist.smft.selection import RowSelector, apply_sparse_updates
 
 
 @dataclass
@@ -30,16 +31,26 @@ class Parallel:
     tables: dict[str, ShardedValueTable]
     values_train: bool = True  # False (lora): rows stay at lr 0 whatever value_lr a step passes
     grad_accum_steps: int = 1  # micro-batches per optimizer step (DeepSpeed's own count when there is an engine)
+    row_selectors: dict[str, RowSelector] = field(default_factory=dict)  # smft / memory_ft: deferred row updates
 
     def step_values(self) -> None:
         """End of an optimizer step's window, after its last backward: the one place where value rows
-        update outside the backward pass (torch row optimizers; fused ones already stepped)."""
+        update outside the backward pass. smft / memory_ft: each table's rows selected from every
+        lookup of the window (all layers, all micro-batches) update once; torch row optimizers step
+        (fused ones already stepped inside the backward)."""
+        apply_sparse_updates(self.tables, self.row_selectors)
         for table in self.tables.values():
             table.step()
 
+    def discard_step(self) -> None:
+        """Forget the lookups of a step that will not be applied (a skipped non-finite step)."""
+        for table in self.tables.values():
+            table.pending.clear()
+
 
 def shard_value_tables(
-    model: Transformer, cfg: JobConfig, device: torch.device, values_train: bool = True, split: bool = False, group=None
+    model: Transformer, cfg: JobConfig, device: torch.device, values_train: bool = True, deferred_rows: bool = False,
+    group=None
 ) -> dict[str, ShardedValueTable]:
     """Replace the model's local value tables by TorchRec ones (unregistered: DeepSpeed never sees them).
 
@@ -47,8 +58,8 @@ def shard_value_tables(
     (``Transformer(cfg, build_value_tables=False)``), from :class:`SeededRows` of ``train.seed``,
     each rank generating only its own shard. The rows' optimizer and lr come from
     :func:`~smft_dist.distributed.sharding.value_optimizer`. Frozen values (``values_train`` False)
-    keep lr 0: rows stay bit-identical while scores still get gradients. ``split``: lookups carry a
-    trainable mask (sparse memory finetuning).
+    keep lr 0: rows stay bit-identical while scores still get gradients. ``deferred_rows``: rows
+    update only in :meth:`Parallel.step_values` (sparse memory finetuning).
     """
     optim, lr = value_optimizer(cfg)
     lr = lr if values_train else 0.0
@@ -59,7 +70,7 @@ def shard_value_tables(
         local = model.value_tables[name] if name in model.value_tables else None
         init = local.full_weight() if local is not None else SeededRows(slots, dim, cfg.train.seed * 1009 + i)
         tables[name] = ShardedValueTable(
-            name, init, optim, lr, cfg.distributed.table_placement, device, group, split=split
+            name, init, optim, lr, cfg.distributed.table_placement, device, group, deferred_rows=deferred_rows
         )
     model.bind_value_tables(tables, register=False)
     return tables
@@ -74,15 +85,17 @@ def parallelize(
 ) -> Parallel:
     """Shard the value tables and wrap the rest in DeepSpeed. ``dense_optimizer`` defaults to AdamW
     (``method.dense_lr``, betas, weight decay) over ``plan.dense_params``; none when they are frozen."""
-    tables = shard_value_tables(model, cfg, device, plan.values_train, split=bool(plan.selectors))
+    if plan.selectors:
+        check_row_optimizer(cfg.sparse_optim, plan.name, len(model.memory_layers()))
+    tables = shard_value_tables(model, cfg, device, plan.values_train, deferred_rows=bool(plan.selectors))
     if not plan.dense_params:
         model = model.to(device, dense_dtype(cfg.distributed, device))
-        return Parallel(model, None, tables, plan.values_train, cfg.distributed.grad_accum_steps)
+        return Parallel(model, None, tables, plan.values_train, cfg.distributed.grad_accum_steps, plan.selectors)
     if dense_optimizer is None:
         m = cfg.method
         dense_optimizer = torch.optim.AdamW(plan.dense_params, lr=m.dense_lr, betas=tuple(m.betas), weight_decay=m.weight_decay)
     engine = build_dense_engine(model, dense_optimizer, cfg.distributed, device)
-    return Parallel(engine.module, engine, tables, plan.values_train, cfg.distributed.grad_accum_steps)
+    return Parallel(engine.module, engine, tables, plan.values_train, cfg.distributed.grad_accum_steps, plan.selectors)
 
 
 def train_step(
@@ -98,7 +111,8 @@ def train_step(
     finiteness check of its loss before the backward).
 
     The rows run as ``par.grad_accum_steps`` equal micro-batches (consecutive row blocks), whose
-    gradients accumulate; dense parameters and torch row optimizers step once at the end. Each
+    gradients accumulate; dense parameters, torch row optimizers and the deferred row updates of smft / memory_ft
+    step once at the end. Each
     micro-batch's loss is its token sum over the *window's* global token count (counted up front)
     times the world size, so the step equals one backward over the whole global batch, with ranks
     and micro-batches holding different numbers of label tokens (TorchRec and DeepSpeed average

@@ -1,12 +1,7 @@
 """Memory value tables as TorchRec ``EmbeddingBagCollection`` s: plan, sharder, row optimizer.
 
-Each value table becomes one single-table ``EmbeddingBagCollection`` (weighted, sum pooling). Under
-sparse finetuning (``split``) two features read it, ``train`` and ``frozen``
-(:func:`smft_dist.model.value_table.split_bags`); the frozen feature's pooled output is detached, so
-its rows get no update. Otherwise one feature reads it, so the output reduce-scatter carries one
-pooled vector per token, not two.
-
-Placement and optimizer (:func:`value_optimizer` picks the optimizer and lr from the job):
+Each value table becomes one single-table ``EmbeddingBagCollection`` (weighted, sum pooling, one
+feature). Placement and optimizer (:func:`value_optimizer` picks the optimizer and lr from the job):
 
 * ROW_WISE over all ranks (default) with a fused ``sparse_optim.type``: TorchRec's FUSED kernel,
   whose FBGEMM optimizer updates the rows a batch read inside every backward pass.
@@ -14,6 +9,14 @@ Placement and optimizer (:func:`value_optimizer` picks the optimizer and lr from
   micro-batches too) and ``torch.optim.AdamW`` steps this rank's shard in :meth:`ShardedValueTable.step`.
 * DATA_PARALLEL (replicated, small tables): TorchRec's DDP averages the gradients; ``torch.optim.SGD``
   or ``AdamW`` steps the rows in :meth:`ShardedValueTable.step`.
+
+Sparse finetuning (``deferred_rows``, see :mod:`smft_dist.model.value_table`): the training lookups
+run without row gradient (under ``no_grad`` when the scores need none; otherwise through the TBE at
+lr 0, which with EXACT_SGD leaves every row bit-identical), and :meth:`ShardedValueTable.step_rows`
+runs one more lookup over the selected entries only, whose backward is the step's single row update
+at the scheduled lr. Optimizers with state (Adagrad) would update their state in an lr-0 backward,
+so they are refused when the scores need gradients, and FBGEMM's Adam always
+(:func:`check_row_optimizer`).
 
 TorchRec divides table gradients by the world size (a DDP-style mean over ranks): with each rank's
 loss a mean over its own tokens, that equals one process over the global batch, as long as every
@@ -26,6 +29,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
+from fbgemm_gpu.tbe.config.optimizer_config import WeightDecayMode
 from torch import nn
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
@@ -38,10 +42,9 @@ from torchrec.distributed.types import ShardingEnv, ShardingType
 from smft_dist.config import ConfigError, JobConfig, SparseOptimConfig
 from smft_dist.distributed import torchrec_guards
 from smft_dist.distributed.weighted_dist import sharded_weights
-from smft_dist.model.value_table import SeededRows, ValueTable, split_bags
+from smft_dist.model.value_table import SeededRows, ValueTable, bag_entries
 
-SPLIT_FEATURES = ("train", "frozen")
-WHOLE_FEATURES = ("all",)
+FEATURES = ("all",)
 
 _OPTIMIZERS = {
     "exact_sgd": EmbOptimType.EXACT_SGD,
@@ -64,18 +67,43 @@ def value_optimizer(cfg: JobConfig) -> tuple[SparseOptimConfig, float]:
 
 
 def fused_params(cfg: SparseOptimConfig, lr: float, device_type: str) -> dict:
-    """FBGEMM fused-optimizer parameters for ``cfg`` at ``lr``; Adam variants exist only on CUDA."""
+    """FBGEMM fused-optimizer parameters for ``cfg`` at ``lr``; Adam variants exist only on CUDA.
+
+    ``weight_decay`` (CUDA only): L2, added to the gradient, for exact_rowwise_adagrad; decoupled for
+    the Adam variants (FBGEMM's semantics). FBGEMM's exact_sgd has none and its CPU kernels ignore
+    it, so a non-zero value that would do nothing is refused.
+    """
     if cfg.type in _CUDA_ONLY and device_type != "cuda":
         raise ConfigError(
             f"sparse_optim.type: FBGEMM has no {cfg.type} kernel on {device_type}; "
             "use exact_sgd or exact_rowwise_adagrad"
         )
+    if cfg.weight_decay and (cfg.type == "exact_sgd" or device_type != "cuda"):
+        where = "exact_sgd" if cfg.type == "exact_sgd" else f"{cfg.type} on {device_type}"
+        raise ConfigError(f"sparse_optim.weight_decay: FBGEMM's {where} has no weight decay (it would be ignored); set 0")
     params: dict = {"optimizer": _OPTIMIZERS[cfg.type], "learning_rate": lr}
     if cfg.type != "exact_sgd":
         params.update(eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.type == "exact_rowwise_adagrad" and cfg.weight_decay:
+        params.update(weight_decay_mode=WeightDecayMode.L2)
     if cfg.type in _CUDA_ONLY:
         params.update(beta1=cfg.beta1, beta2=cfg.beta2)
     return params
+
+
+def check_row_optimizer(cfg: SparseOptimConfig, method: str, memory_layers: int) -> None:
+    """Row optimizers a deferred row update (smft / memory_ft) runs exactly, else a ConfigError.
+
+    FBGEMM's Adam variants count every lookup forward (the frozen reads, evaluation) as a step of
+    their bias correction. With several memory layers an upper layer's scores depend on the rows
+    below, so the reads backpropagate through the TBE at lr 0: without side effects only for exact_sgd.
+    """
+    if cfg.type in _CUDA_ONLY:
+        raise ConfigError(f"sparse_optim.type: FBGEMM's {cfg.type} advances its bias correction on every lookup forward, "
+                          f"so {method}'s deferred row update would not be exact; use exact_sgd or exact_rowwise_adagrad")
+    if memory_layers > 1 and cfg.type != "exact_sgd":
+        raise ConfigError(f"sparse_optim.type: {cfg.type} under {method} with {memory_layers} memory layers would update "
+                          "its state for every row an upper layer reads (score gradients); use exact_sgd")
 
 
 class ValueTableSharder(EmbeddingBagCollectionSharder):
@@ -109,7 +137,7 @@ class ShardedValueTable(ValueTable):
 
     ``init`` is the whole table ([num_rows, dim], the same on every rank; only this rank's rows are
     kept) or :class:`~smft_dist.model.value_table.SeededRows`, which generates this rank's rows only.
-    ``split``: lookups may pass a ``trainable`` mask (two features, see the module docstring).
+    ``deferred_rows``: rows update only in :meth:`step_rows` (see the module docstring).
     Per-sample weights get gradients under ROW_WISE too (:mod:`smft_dist.distributed.weighted_dist`).
     ``optim``/``lr``: the rows' optimizer (:func:`value_optimizer`); a torch optimizer (``adamw``, or
     any replicated table) steps in :meth:`step`, a fused one inside the backward.
@@ -124,24 +152,24 @@ class ShardedValueTable(ValueTable):
         placement: str = "row_wise",
         device: torch.device | None = None,
         group: dist.ProcessGroup | None = None,
-        split: bool = False,
+        deferred_rows: bool = False,
     ):
         super().__init__()
         self.num_rows, self.dim = init.shape
         if self.dim % 4:
             raise ConfigError(f"model.memory.v_dim: value table {name!r} has dim {self.dim}, FBGEMM needs a multiple of 4")
-        self.name, self.placement, self.split = name, placement, split
-        self.features = SPLIT_FEATURES if split else WHOLE_FEATURES
+        self.name, self.placement, self.optim = name, placement, optim.type
+        self.deferred_rows, self.lr = deferred_rows, lr
         self.group = group if group is not None else dist.group.WORLD
         device = device or (init.device if isinstance(init, torch.Tensor) else torch.device("cpu"))
         world = dist.get_world_size(self.group)
         config = EmbeddingBagConfig(
             name=name, embedding_dim=self.dim, num_embeddings=self.num_rows,
-            feature_names=list(self.features), pooling=PoolingType.SUM,
+            feature_names=list(FEATURES), pooling=PoolingType.SUM,
         )
         ebc = EmbeddingBagCollection(tables=[config], is_weighted=True, device=torch.device("meta"))
         fused = placement == "row_wise" and optim.type != "adamw"
-        sharder = ValueTableSharder(fused_params=fused_params(optim, lr, device.type) if fused else None)
+        sharder = ValueTableSharder(fused_params=fused_params(optim, 0.0 if deferred_rows else lr, device.type) if fused else None)
         if placement == "row_wise":
             kernel = EmbeddingComputeKernel.FUSED if fused else EmbeddingComputeKernel.DENSE
             generator = row_wise(compute_kernel=kernel.value)
@@ -189,26 +217,36 @@ class ShardedValueTable(ValueTable):
         return torch.cat([p[:n] for p, n in zip(parts, self.row_counts)])
 
     # ------------------------------------------------------------------------------- lookup
-    def forward(self, indices, weights, valid=None, trainable=None):
-        if trainable is not None and not self.split:
-            raise ValueError(f"value table {self.name!r} was built without split=True: it takes no trainable mask")
-        feats = split_bags(indices, weights.float(), valid, trainable)
-        if self.split and trainable is None:  # every entry trains (e.g. no selector in eval): frozen is empty
-            feats.append((indices.new_zeros(0), torch.zeros_like(feats[0][1]), weights.new_zeros(0, dtype=torch.float32), False))
-        values = torch.cat([f[0] for f in feats])
-        w = torch.cat([f[2] for f in feats])
-        kjt = KeyedJaggedTensor(
-            keys=list(self.features), values=values, lengths=torch.cat([f[1] for f in feats]), weights=w.detach()
-        )
+    def lookup(self, indices, weights, keep, rows_grad):
+        values, lengths, w = bag_entries(indices, weights.float(), keep)
+        if not (rows_grad or w.requires_grad):
+            with torch.no_grad():
+                return self._pooled(values, lengths, w)
+        if not rows_grad and self.optim != "exact_sgd":
+            raise RuntimeError(f"value table {self.name!r}: score gradients under deferred row updates need the "
+                               f"lr-0 backward of exact_sgd; {self.optim} would update its state")
+        return self._pooled(values, lengths, w)
+
+    def _pooled(self, values: torch.Tensor, lengths: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """One TorchRec lookup of jagged bags -> fp32 pooled [bags, dim]; ``w``'s gradient flows back."""
+        kjt = KeyedJaggedTensor(keys=list(FEATURES), values=values, lengths=lengths, weights=w.detach())
         ctx = self.ebc.create_context()
         delivered = self.ebc.input_dist(ctx, kjt).wait().wait()
         if w.requires_grad:
             self._attach_weights(delivered[0], values, w)
-        pooled = self.ebc.compute_and_output_dist(ctx, delivered).wait().values()
-        if not self.split:
-            return pooled.to(weights.dtype)
-        train, frozen = pooled.split(self.dim, dim=1)
-        return (train + frozen.detach()).to(weights.dtype)
+        return self.ebc.compute_and_output_dist(ctx, delivered).wait().values()
+
+    def step_rows(self, indices, weights, keep, grad):
+        """The deferred update: a lookup of the ``keep`` entries whose backward updates their rows at
+        ``lr`` (fused optimizer, or the replicated one); the TBE's lr is 0 again afterwards."""
+        if self.row_optimizer is not None:
+            self.row_optimizer.zero_grad(set_to_none=True)  # drop score-path gradients of the reads
+        self._push_lr(self.lr)
+        self.lookup(indices, weights, keep, rows_grad=True).backward(grad)
+        if self.row_optimizer is not None:
+            self.row_optimizer.step()
+            self.row_optimizer.zero_grad(set_to_none=True)
+        self._push_lr(0.0)
 
     def _attach_weights(self, delivered: KeyedJaggedTensor, values: torch.Tensor, w: torch.Tensor) -> None:
         """Make the weights TorchRec delivered differentiable w.r.t. this rank's ``w`` (checked on the
@@ -217,12 +255,18 @@ class ShardedValueTable(ValueTable):
             rebuilt = w  # no transfer: the local weights are the delivered weights
         else:
             owner = torch.bucketize(values, self.shard_starts, right=True)
-            rebuilt = sharded_weights(w, owner, delivered.lengths(), len(self.features), self.group)
+            rebuilt = sharded_weights(w, owner, delivered.lengths(), len(FEATURES), self.group)
         torchrec_guards.swap_weights(self.name, delivered, rebuilt, check=torchrec_guards.due(self))
 
     # ---------------------------------------------------------------------------- optimizer
     def set_lr(self, lr: float) -> None:
-        """Learning rate of the next row updates (call before the backward that should use it)."""
+        """Learning rate of the next row updates (call before the backward, or the
+        :meth:`~smft_dist.model.value_table.ValueTable.update_rows`, that should use it)."""
+        self.lr = lr
+        if not self.deferred_rows:
+            self._push_lr(lr)
+
+    def _push_lr(self, lr: float) -> None:
         opt = self.row_optimizer or self.ebc.fused_optimizer
         for group in opt.param_groups:
             group["lr"] = lr
@@ -231,8 +275,9 @@ class ShardedValueTable(ValueTable):
 
     def step(self) -> None:
         """Update the rows with the gradients accumulated since the last call (a torch row optimizer;
-        once per optimizer step, after the last backward). Fused optimizers updated them in backward."""
-        if self.row_optimizer is None:
+        once per optimizer step, after the last backward). Fused optimizers updated them in backward;
+        deferred tables update in :meth:`step_rows`."""
+        if self.row_optimizer is None or self.deferred_rows:
             return
         self.row_optimizer.step()
         self.row_optimizer.zero_grad(set_to_none=True)

@@ -9,7 +9,7 @@ token that a :class:`~smft_dist.model.value_table.ValueTable` pools. The output 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +17,6 @@ from torch import nn
 
 from smft_dist.config import MemoryConfig
 from smft_dist.model.value_table import ValueTable
-
-# (indices [T, K], valid [T] or None) -> trainable [T, K]; installed by sparse memory finetuning.
-TrainableSelector = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
 
 class MemoryAccess(NamedTuple):
     """The slots one forward read: ``indices`` [T, heads*k] and ``valid`` [T] (False = padding;
@@ -70,7 +66,6 @@ class MemoryLayer(nn.Module):
         self.w1 = nn.Linear(dim, self.v_dim, bias=False)
         self.w2 = nn.Linear(self.v_dim, dim, bias=False)
         self._table: list[ValueTable] = []  # a list keeps the table out of this module's tree
-        self.trainable_selector: TrainableSelector | None = None
         self.last_access: MemoryAccess | None = None
 
     def reset_parameters(self) -> None:
@@ -106,17 +101,11 @@ class MemoryLayer(nn.Module):
         return indices.flatten(1), scores.flatten(1)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, S, dim], valid [B, S] (False = padding, reads no memory) -> [B, S, dim].
-
-        The trainable selector runs only when gradients are on: an eval forward selects nothing.
-        """
+        """x [B, S, dim], valid [B, S] (False = padding, reads no memory) -> [B, S, dim]."""
         B, S, D = x.shape
         flat = x.reshape(B * S, D)
         valid = None if valid is None else valid.reshape(B * S).bool()
         indices, scores = self.retrieve(flat)
         self.last_access = MemoryAccess(indices, valid)
-        trainable = None
-        if self.trainable_selector is not None and torch.is_grad_enabled():
-            trainable = self.trainable_selector(indices, valid)
-        pooled = self.table(indices, scores, valid, trainable).to(x.dtype)
+        pooled = self.table(indices, scores, valid).to(x.dtype)
         return self.w2(pooled * F.silu(self.w1(flat))).view(B, S, D)

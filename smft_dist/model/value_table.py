@@ -3,44 +3,98 @@
 A value table holds ``num_rows`` value vectors of size ``dim`` and answers one question: for each
 token, the weighted sum of the rows it selected (a weighted, sum-pooled embedding bag). The memory
 layer never touches rows directly, so a row-sharded TorchRec table
-(:mod:`smft_dist.distributed.sharding`) slots in without changing model code.
+(:mod:`smft_dist.distributed.sharding`) slots in without changing model code. ``valid`` [T] marks
+the tokens that read memory: padding reads nothing, gets zeros, and is no access for slot counting.
 
-Two optional masks shape a lookup:
-
-* ``valid`` [T]: tokens that read memory. Invalid tokens (padding) read nothing and get zeros; they
-  are no access for slot counting either.
-* ``trainable`` [T, K]: entries whose row may receive gradient. The rest still contribute to the
-  output but are detached, so their rows get no gradient at all (sparse memory finetuning).
+Deferred row updates (sparse memory finetuning, ``deferred_rows``): a training lookup reads every
+row frozen (the scores still get gradients) and is kept, with its pooled output, until
+:meth:`ValueTable.update_rows`. After the last backward of the optimizer step that call looks up
+again, over all kept lookups of every layer reading the table, only the entries whose row is
+selected, and backpropagates the captured d(loss)/d(pooled): each selected row gets the sum of all
+its gradients in one update, and an unselected row never enters a backward, so it stays
+bit-identical (for the row optimizers ``distributed.sharding.check_row_optimizer`` accepts).
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
+class PendingLookup(NamedTuple):
+    """A training lookup awaiting its row update: entries (``keep`` None = all) and the pooled
+    output whose ``.grad`` the backward fills."""
+
+    indices: torch.Tensor
+    weights: torch.Tensor
+    keep: torch.Tensor | None
+    pooled: torch.Tensor
+
+
 class ValueTable(nn.Module, abc.ABC):
-    """Pooled weighted lookup: ``out[t] = sum_j weights[t, j] * row[indices[t, j]]``."""
+    """Pooled weighted lookup: ``out[t] = sum_j weights[t, j] * row[indices[t, j]]``.
+
+    Implementations provide :meth:`lookup` (rows with or without gradient) and :meth:`step_rows`
+    (apply a lookup's row gradient with the table's optimizer); the deferred update lives here.
+    """
 
     num_rows: int
     dim: int
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.deferred_rows = False
+        self.pending: list[PendingLookup] = []
+
     @abc.abstractmethod
-    def forward(
-        self,
-        indices: torch.Tensor,
-        weights: torch.Tensor,
-        valid: torch.Tensor | None = None,
-        trainable: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """indices/weights [T, K] -> pooled [T, dim]; see the module docstring for the masks."""
+    def lookup(self, indices: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None, rows_grad: bool) -> torch.Tensor:
+        """indices/weights [T, K], ``keep`` [T, K] entries read (None = all) -> pooled [T, dim].
+        ``rows_grad`` False: the rows get no gradient (weights still do)."""
+
+    @abc.abstractmethod
+    def step_rows(self, indices: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor, grad: torch.Tensor) -> None:
+        """Look up ``keep``'s entries with row gradients and update their rows by ``grad`` = d(loss)/d(pooled)."""
 
     @abc.abstractmethod
     def full_weight(self) -> torch.Tensor:
         """The whole [num_rows, dim] table on this process (gathered if sharded)."""
+
+    def forward(self, indices: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """indices/weights [T, K], valid [T] -> pooled [T, dim] in ``weights``' dtype."""
+        keep = None if valid is None else valid[:, None].expand_as(indices)
+        if not (self.deferred_rows and torch.is_grad_enabled()):
+            return self.lookup(indices, weights, keep, rows_grad=True).to(weights.dtype)
+        pooled = self.lookup(indices, weights, keep, rows_grad=False)
+        if pooled.requires_grad:  # the scores carry gradient (a memory layer below trains)
+            pooled.retain_grad()
+        else:
+            pooled.requires_grad_()
+        self.pending.append(PendingLookup(indices, weights.detach(), keep, pooled))
+        return pooled.to(weights.dtype)
+
+    def pending_slots(self) -> list[torch.Tensor]:
+        """The slots each pending lookup read (flat, padding excluded), for slot counting."""
+        return [p.indices.flatten() if p.keep is None else p.indices[p.keep] for p in self.pending]
+
+    def update_rows(self, rows: torch.Tensor | None) -> None:
+        """Apply every pending lookup's gradient to ``rows`` (slot ids; None = every row read) only,
+        one update per row; clears the pending lookups. Collective for sharded tables: call it on
+        every rank."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        indices = torch.cat([p.indices for p in pending])
+        keep = torch.isin(indices, rows) if rows is not None else torch.ones_like(indices, dtype=torch.bool)
+        for p, k in zip(pending, keep.split([p.indices.shape[0] for p in pending])):
+            if p.keep is not None:
+                k &= p.keep
+        grad = torch.cat([p.pooled.grad if p.pooled.grad is not None else torch.zeros_like(p.pooled) for p in pending])
+        self.step_rows(indices, torch.cat([p.weights for p in pending]), keep, grad)
 
 
 def init_values_(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -77,34 +131,21 @@ class SeededRows:
         return torch.cat(parts) if parts else torch.empty(0, self.dim)
 
 
-def split_bags(
-    indices: torch.Tensor,
-    weights: torch.Tensor,
-    valid: torch.Tensor | None,
-    trainable: torch.Tensor | None,
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]]:
-    """Flatten [T, K] bags into jagged features ``(values, lengths, weights, carries_grad)``.
-
-    Returns one feature when ``trainable`` is None, else two (trainable first, then frozen) that
-    read the same table; the order inside each bag is preserved.
-    """
+def bag_entries(indices: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flatten [T, K] bags into jagged ``(values, lengths, weights)``, only the ``keep`` entries
+    (None = all), in bag order."""
     T, K = indices.shape
-    if valid is None and trainable is None:  # every bag whole: no compaction
-        return [(indices.flatten(), indices.new_full((T,), K), weights.flatten(), True)]
-    keep = torch.ones_like(indices, dtype=torch.bool) if valid is None else valid[:, None].expand(T, K)
-    if trainable is None:
-        masks = [(keep, True)]
-    else:
-        masks = [(keep & trainable, True), (keep & ~trainable, False)]
-    return [(indices[m], m.sum(1), weights[m], grad) for m, grad in masks]
+    if keep is None:
+        return indices.flatten(), indices.new_full((T,), K), weights.flatten()
+    return indices[keep], keep.sum(1), weights[keep]
 
 
 class LocalValueTable(ValueTable):
     """Single-process table on ``torch.nn.EmbeddingBag`` (mode="sum", per-sample weights).
 
     Gradients flow to the rows and to the weights (scores), so keys and queries learn through it.
-    Masks zero the per-sample weights of the [T, K] bags (no flattening); the frozen part of a
-    split lookup runs without autograd.
+    Entries outside ``keep`` get weight 0. Its optimizer is the caller's: a deferred update
+    (:meth:`step_rows`) accumulates the selected rows' gradient into ``weight.grad`` (zeros elsewhere).
     """
 
     def __init__(self, num_rows: int, dim: int, device: torch.device | str | None = None):
@@ -121,15 +162,15 @@ class LocalValueTable(ValueTable):
     def weight(self) -> torch.Tensor:
         return self.bag.weight
 
-    def forward(self, indices, weights, valid=None, trainable=None):
+    def lookup(self, indices, weights, keep, rows_grad):
         w = weights.to(self.bag.weight.dtype)
-        if valid is not None:
-            w = w * valid[:, None]
-        if trainable is None:
-            return self.bag(indices, per_sample_weights=w)
-        with torch.no_grad():
-            frozen = self.bag(indices, per_sample_weights=w * ~trainable)
-        return self.bag(indices, per_sample_weights=w * trainable) + frozen
+        if keep is not None:
+            w = w * keep
+        rows = self.bag.weight if rows_grad else self.bag.weight.detach()
+        return F.embedding_bag(indices, rows, per_sample_weights=w, mode="sum")
+
+    def step_rows(self, indices, weights, keep, grad):
+        self.lookup(indices, weights, keep, rows_grad=True).backward(grad)
 
     def full_weight(self) -> torch.Tensor:
         return self.bag.weight.detach()

@@ -4,14 +4,16 @@
 method     trains                                      optimizer
 =========  ==========================================  ========================================
 pretrain   everything (scores carry gradient)          AdamW dense; values at their own lr
-smft       top-t value rows of each batch (TF-IDF)     SGD on value rows; dense frozen
-memory_ft  every accessed value row                    SGD on value rows; dense frozen
+smft       top-t value rows per table and step         row optimizer (sparse_optim); dense frozen
+memory_ft  every accessed value row                    row optimizer (sparse_optim); dense frozen
 full_ft    every parameter                             AdamW
 lora       LoRA adapters on attention + SwiGLU FFNs    AdamW (peft)
 =========  ==========================================  ========================================
 
-SGD for sparse methods follows the paper: adaptive steps, momentum and weight decay interact with
-sparsity in unexpected ways, and plain SGD leaves unselected rows bit-identical.
+SGD for sparse methods follows the paper. smft / memory_ft update rows by a deferred row update
+(``ValueTable.update_rows``): one selection per table and optimizer step from the counts of every
+layer reading it, each selected row updated once with the sum of its gradients, unselected rows never
+in a backward (bit-identical under any row optimizer).
 """
 
 from __future__ import annotations
@@ -26,18 +28,18 @@ from smft_dist.config import ConfigError, MethodConfig
 from smft_dist.model.memory import MemoryLayer
 from smft_dist.model.transformer import Attention, SwiGLU, Transformer
 from smft_dist.smft.background import BackgroundStats
-from smft_dist.smft.selection import TopTSelector, idf
-from smft_dist.smft.slot_counts import SlotCounter
+from smft_dist.smft.selection import RowSelector, idf
 
 
 @dataclass
 class MethodPlan:
-    """What :func:`apply_method` set up: trainable dense parameters, whether values train, selectors."""
+    """What :func:`apply_method` set up: trainable dense parameters, whether values train, and the
+    row selectors of deferred row updates (smft, memory_ft)."""
 
     name: str
     dense_params: list[nn.Parameter]
     values_train: bool
-    selectors: dict[int, TopTSelector]  # block index of a memory layer -> its selector (smft only)
+    selectors: dict[str, RowSelector]  # value table name -> its selector (smft, memory_ft)
 
 
 def lora_targets(model: Transformer) -> list[str]:
@@ -58,11 +60,10 @@ def apply_method(
     group: torch.distributed.ProcessGroup | None = None,
     seed_fn: Callable[[], int] = lambda: 0,
 ) -> MethodPlan:
-    """Freeze / unfreeze parameters of ``model`` for ``cfg.name`` and install top-t selectors."""
+    """Freeze / unfreeze parameters of ``model`` for ``cfg.name``; smft / memory_ft get one row
+    selector per value table and defer the row updates of the model's local tables."""
     if cfg.name in ("smft", "memory_ft") and not model.memory_layers():
         raise ConfigError(f"model.memory.layers: method {cfg.name} needs at least one memory layer")
-    for layer in model.memory_layers():
-        layer.trainable_selector = None
     if cfg.name == "lora":
         from peft import LoraConfig, inject_adapter_in_model
 
@@ -75,24 +76,26 @@ def apply_method(
     dense_train = cfg.name in ("pretrain", "full_ft")
     for _, p in model.dense_parameters():
         p.requires_grad_(dense_train)
-    selectors: dict[int, TopTSelector] = {}
-    if cfg.name == "smft":
-        for i, block in enumerate(model.layers):
-            if not isinstance(block.ffn, MemoryLayer):
+    selectors: dict[str, RowSelector] = {}
+    if cfg.name in ("smft", "memory_ft"):
+        ranking = cfg.ranking if cfg.name == "smft" else "all"
+        for layer in model.memory_layers():
+            name = layer.table_name
+            if name in selectors:  # a shared pool: one selector for every layer reading it
                 continue
-            name = block.ffn.table_name
             weights = None
-            if cfg.ranking == "tfidf":
+            if ranking == "tfidf":
                 if background is None or name not in background.df:
                     raise ConfigError(f"method.background: ranking 'tfidf' needs df statistics for table {name!r} "
                                       "(python -m smft_dist.background)")
-                df, slots = background.df[name], block.ffn.cfg.num_slots
+                df, slots = background.df[name], layer.cfg.num_slots
                 if df.numel() != slots or background.num_batches <= 0:
                     raise ConfigError(f"method.background: df statistics for table {name!r} cover {df.numel()} slots over "
                                       f"{background.num_batches} batches; the model has {slots} slots (collect them for this model)")
                 weights = idf(df, background.num_batches)
-            sel = TopTSelector(SlotCounter(block.ffn.cfg.num_slots, group), cfg.top_t, cfg.ranking, weights, seed_fn)
-            block.ffn.trainable_selector = selectors[i] = sel
+            selectors[name] = RowSelector(cfg.top_t, ranking, weights, seed_fn, group)
+        for table in model.value_tables.values():
+            table.deferred_rows = True
     dense = [p for _, p in model.dense_parameters() if p.requires_grad]
     return MethodPlan(cfg.name, dense, True, selectors)
 

@@ -1,19 +1,24 @@
-"""Top-t slot selection: rank accessed slots by tfidf | tf | random | all and keep the best t.
+"""Top-t row selection per value table: rank the accessed slots by tfidf | tf | random | all.
 
 TF-IDF(i) = c(i) / sum_j c(j) * log((|B| + 1) / (df(i) + 1)), with c the global access counts of
-this batch and df, |B| the background statistics (SMFT paper, section 4); the idf factor is computed
-once per run. Only slots read by this batch are candidates. Ties break towards the lower slot index,
-so every rank, given the same counts, selects the same set.
+this optimizer step and df, |B| the background statistics (SMFT paper, section 4); the idf factor
+is computed once per run. Only slots read in this step are candidates. Ties break towards the lower
+slot index, so every rank, given the same counts, selects the same set.
+
+One :class:`RowSelector` serves one *table*: the counts add up over every memory layer that reads
+it and every micro-batch of the step, and :func:`apply_sparse_updates` updates the selected rows
+once (see ``ValueTable.update_rows``).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
+import torch.distributed as dist
 
 from smft_dist.config import RANKINGS
-from smft_dist.model.memory import MemoryAccess
+from smft_dist.model.value_table import ValueTable
 from smft_dist.smft.slot_counts import SlotCounter
 
 
@@ -23,60 +28,65 @@ def idf(df: torch.Tensor, num_batches: int) -> torch.Tensor:
 
 
 def select_top_t(
+    slots: torch.Tensor,
     counts: torch.Tensor,
     t: int,
     ranking: str = "tfidf",
     idf: torch.Tensor | None = None,
     seed: int = 0,
 ) -> torch.Tensor:
-    """bool [N]: the top-t accessed slots under ``ranking`` (deterministic ties: lower index wins).
-
-    Only the accessed slots are scored and sorted, not all N.
-    """
-    accessed = counts.nonzero().flatten()  # ascending slot ids
-    mask = torch.zeros_like(counts, dtype=torch.bool)
+    """int64 ascending slot ids: the top-t of the accessed ``slots`` (ascending, with their global
+    ``counts``) under ``ranking``; deterministic ties, lower slot first."""
     if ranking == "all":
-        mask[accessed] = True
-        return mask
-    c = counts[accessed].double()
+        return slots
+    c = counts.double()
     if ranking == "tfidf":
         if idf is None:
             raise ValueError("ranking 'tfidf' needs background df statistics (method.background)")
-        score = c / c.sum() * idf[accessed]
+        score = c / c.sum() * idf[slots]
     elif ranking == "tf":
         score = c
     elif ranking == "random":
         g = torch.Generator().manual_seed(seed)
-        score = torch.rand(accessed.numel(), generator=g, dtype=torch.float64).to(counts.device)
+        score = torch.rand(slots.numel(), generator=g, dtype=torch.float64).to(slots.device)
     else:
         raise ValueError(f"method.ranking: unknown ranking {ranking!r} (choose from {', '.join(RANKINGS)})")
     order = torch.sort(score, descending=True, stable=True).indices[:t]  # stable: lower slot first on ties
-    mask[accessed[order]] = True
-    return mask
+    return slots[order].sort().values
 
 
-class TopTSelector:
-    """The per-batch trainable mask of one memory layer, installed as its ``trainable_selector``.
-
-    Called inside the forward with the layer's (indices, valid): counts the global accesses,
-    selects the top-t slots, and returns which entries of the bag may train.
-    """
+class RowSelector:
+    """The rows of one value table that train in an optimizer step (smft: top-t; memory_ft: all
+    accessed). Keeps the last step's ``slots``/``counts`` (accessed) and ``selected`` for logging."""
 
     def __init__(
         self,
-        counter: SlotCounter,
         t: int,
         ranking: str,
         idf: torch.Tensor | None = None,
         seed_fn: Callable[[], int] = lambda: 0,
+        group: dist.ProcessGroup | None = None,
     ):
-        self.counter, self.t, self.ranking, self.idf, self.seed_fn = counter, t, ranking, idf, seed_fn
-        self.selected: torch.Tensor | None = None  # bool [N] of the last batch
-        self.counts: torch.Tensor | None = None  # int64 [N] of the last batch
+        self.counter, self.t, self.ranking, self.idf, self.seed_fn = SlotCounter(group), t, ranking, idf, seed_fn
+        self.slots: torch.Tensor | None = None
+        self.counts: torch.Tensor | None = None
+        self.selected: torch.Tensor | None = None
 
-    def __call__(self, indices: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-        self.counts = self.counter.global_counts(MemoryAccess(indices, valid))
-        if self.idf is not None and self.idf.device != self.counts.device:
-            self.idf = self.idf.to(self.counts.device)  # once: the first batch tells the device
-        self.selected = select_top_t(self.counts, self.t, self.ranking, self.idf, self.seed_fn())
-        return self.selected[indices]
+    def __call__(self, reads: list[torch.Tensor]) -> torch.Tensor:
+        """Selected slot ids (ascending) from this rank's reads in the step; collective."""
+        self.slots, self.counts = self.counter.global_counts(reads)
+        if self.idf is not None and self.idf.device != self.slots.device:
+            self.idf = self.idf.to(self.slots.device)  # once: the first step tells the device
+        self.selected = select_top_t(self.slots, self.counts, self.t, self.ranking, self.idf, self.seed_fn())
+        return self.selected
+
+
+def apply_sparse_updates(tables: Mapping[str, ValueTable], selectors: Mapping[str, RowSelector]) -> None:
+    """End of an optimizer step (after its last backward): select each table's rows from every
+    lookup since the last call and update them once. Same table order on every rank."""
+    for name in sorted(selectors):
+        table = tables[name]
+        reads = table.pending_slots()
+        if reads:
+            selected = selectors[name](reads)
+            table.update_rows(None if selectors[name].ranking == "all" else selected)
