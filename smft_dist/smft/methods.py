@@ -1,14 +1,18 @@
 """Training methods: which parameters train, and with what optimizer.
 
-=========  ==========================================  ========================================
-method     trains                                      optimizer
-=========  ==========================================  ========================================
-pretrain   everything (scores carry gradient)          AdamW dense; values at their own lr
-smft       top-t value rows of each batch (TF-IDF)     SGD on value rows; dense frozen
-memory_ft  every accessed value row                    SGD on value rows; dense frozen
-full_ft    every parameter                             AdamW
-lora       LoRA adapters on attention + SwiGLU FFNs    AdamW (peft)
-=========  ==========================================  ========================================
+===============  ==========================================  ========================================
+method           trains                                      optimizer
+===============  ==========================================  ========================================
+pretrain         everything (scores carry gradient)          AdamW dense; values at their own lr
+smft             top-t value rows of each batch (TF-IDF)     SGD on value rows; dense frozen
+memory_ft        every accessed value row                    SGD on value rows; dense frozen
+memory_pretrain  memory layers: query, keys, W1, W2, values  AdamW on those; values at their own lr
+full_ft          every parameter                             AdamW
+lora             LoRA adapters on attention + SwiGLU FFNs    AdamW (peft)
+===============  ==========================================  ========================================
+
+memory_pretrain is recovery training after a retrofit (:mod:`smft_dist.model.retrofit`): the
+memory learns while every other weight stays bit-identical.
 
 SGD for sparse methods follows the paper: adaptive steps, momentum and weight decay interact with
 sparsity in unexpected ways, and plain SGD leaves unselected rows bit-identical.
@@ -23,7 +27,6 @@ import torch
 from torch import nn
 
 from smft_dist.config import ConfigError, MethodConfig
-from smft_dist.model.memory import MemoryLayer
 from smft_dist.model.transformer import Attention, SwiGLU, Transformer
 from smft_dist.smft.background import BackgroundStats
 from smft_dist.smft.selection import TopTSelector, idf
@@ -59,7 +62,7 @@ def apply_method(
     seed_fn: Callable[[], int] = lambda: 0,
 ) -> MethodPlan:
     """Freeze / unfreeze parameters of ``model`` for ``cfg.name`` and install top-t selectors."""
-    if cfg.name in ("smft", "memory_ft") and not model.memory_layers():
+    if cfg.name in ("smft", "memory_ft", "memory_pretrain") and not model.memory_layers():
         raise ConfigError(f"model.memory.layers: method {cfg.name} needs at least one memory layer")
     for layer in model.memory_layers():
         layer.trainable_selector = None
@@ -75,20 +78,24 @@ def apply_method(
     dense_train = cfg.name in ("pretrain", "full_ft")
     for _, p in model.dense_parameters():
         p.requires_grad_(dense_train)
+    if cfg.name == "memory_pretrain":
+        for layer in model.memory_layers():
+            layer.requires_grad_(True)
     selectors: dict[int, TopTSelector] = {}
     if cfg.name == "smft":
         for i, block in enumerate(model.layers):
-            if not isinstance(block.ffn, MemoryLayer):
+            layer = block.memory_layer
+            if layer is None:
                 continue
-            name = block.ffn.table_name
+            name = layer.table_name
             weights = None
             if cfg.ranking == "tfidf":
                 if background is None or name not in background.df:
                     raise ConfigError(f"method.background: ranking 'tfidf' needs df statistics for table {name!r} "
                                       "(python -m smft_dist.background)")
                 weights = idf(background.df[name], background.num_batches)
-            sel = TopTSelector(SlotCounter(block.ffn.cfg.num_slots, group), cfg.top_t, cfg.ranking, weights, seed_fn)
-            block.ffn.trainable_selector = selectors[i] = sel
+            sel = TopTSelector(SlotCounter(layer.cfg.num_slots, group), cfg.top_t, cfg.ranking, weights, seed_fn)
+            layer.trainable_selector = selectors[i] = sel
     dense = [p for _, p in model.dense_parameters() if p.requires_grad]
     return MethodPlan(cfg.name, dense, True, selectors)
 
