@@ -199,7 +199,7 @@ def _dense_run(ctx: Ctx, stage: int, steps: int = 4) -> tuple[list[float], dict[
 
 
 def check_deepspeed(ctx: Ctx) -> str:
-    ctx.need("deepspeed", "torchrec")  # smft_dist.distributed.dense imports torchrec
+    ctx.need("deepspeed")
     runs = {stage: _dense_run(ctx, stage) for stage in (1, 2)}
     for stage, (losses, _, _) in runs.items():
         if not all(map(lambda v: v == v and abs(v) < 1e4, losses)) or not losses[-1] < losses[0]:
@@ -245,7 +245,9 @@ def check_sparse_optimizer(ctx: Ctx, method: str, optimizer: str) -> str:
     loss = train_step(par, ids, mask, labels)
     layer = par.model.memory_layers()[0]
     if method == "smft":
-        allowed, what = layer.trainable_selector.selected.to(before.device), "top-t"
+        allowed = torch.zeros(table.num_rows, dtype=torch.bool, device=before.device)
+        allowed[par.row_selectors["mem_values_1"].selected.to(before.device)] = True
+        what = "top-t"
     else:
         allowed = torch.zeros(table.num_rows, dtype=torch.bool, device=before.device)
         allowed[layer.last_access.indices[layer.last_access.valid].flatten().to(before.device)] = True

@@ -24,9 +24,10 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------- model
 @dataclass
 class MemoryConfig:
-    """Product-key memory layers replacing the FFN of ``layers``."""
+    """Product-key memory layers in blocks ``layers``: replacing their FFN or beside it."""
 
-    layers: list[int] = field(default_factory=list)  # block indices whose FFN is a memory layer
+    layers: list[int] = field(default_factory=list)  # block indices that get a memory layer
+    placement: str = "replace"  # replace: memory instead of the FFN | beside: block adds ffn(h) + memory(h)
     n_keys: int = 32  # half-keys per set; N = n_keys**2 slots
     heads: int = 4
     topk: int = 32  # k: slots read per head and token
@@ -54,6 +55,7 @@ class ModelConfig:
     ffn_multiple_of: int = 32
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
+    attention_bias: bool = False  # biases on the q/k/v projections (Qwen2); the output projection has none
     max_seq_len: int = 256
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -91,10 +93,11 @@ class ModelConfig:
             _require(0 < m.topk <= m.n_keys, "model.memory.topk", f"k={m.topk} must be in [1, n_keys={m.n_keys}]")
             _require(m.k_dim > 0 and m.k_dim % 2 == 0, "model.memory.k_dim", f"{m.k_dim} must be positive and even")
             _require(m.v_dim is None or m.v_dim > 0, "model.memory.v_dim", "must be positive")
+            _require(m.placement in ("replace", "beside"), "model.memory.placement", f"{m.placement!r} is not replace|beside")
 
 
 # ---------------------------------------------------------------------------------------- method
-METHODS = ("pretrain", "smft", "memory_ft", "full_ft", "lora")
+METHODS = ("pretrain", "smft", "memory_ft", "memory_pretrain", "full_ft", "lora")
 RANKINGS = ("tfidf", "tf", "random", "all")
 
 
@@ -102,7 +105,7 @@ RANKINGS = ("tfidf", "tf", "random", "all")
 class MethodConfig:
     """What trains: see :mod:`smft_dist.smft.methods`. Defaults follow the SMFT paper."""
 
-    name: str = "smft"  # pretrain | smft | memory_ft | full_ft | lora
+    name: str = "smft"  # pretrain | smft | memory_ft | memory_pretrain | full_ft | lora
     ranking: str = "tfidf"  # smft: tfidf | tf | random | all
     top_t: int = 500  # smft: value rows trained per batch (paper: 500 facts, 10k documents)
     background: str | None = None  # smft + tfidf: df statistics file (python -m smft_dist.background)

@@ -17,12 +17,13 @@ that would make rows step per micro-batch.
 
 from __future__ import annotations
 
+import sys
+
 import deepspeed
 import deepspeed.ops
 import torch
 from deepspeed.accelerator import get_accelerator
 from torch import nn
-from torchrec.distributed.types import ShardedModule
 
 from smft_dist.config import DistributedConfig
 
@@ -69,7 +70,8 @@ def build_dense_engine(
     device: torch.device,
 ) -> deepspeed.DeepSpeedEngine:
     """Wrap ``model`` (dense parameters only) in a DeepSpeed engine stepping ``optimizer``."""
-    sharded = [name for name, m in model.named_modules() if isinstance(m, ShardedModule)]
+    torchrec_types = sys.modules.get("torchrec.distributed.types")  # not imported: no TorchRec module exists
+    sharded = [name for name, m in model.named_modules() if torchrec_types and isinstance(m, torchrec_types.ShardedModule)]
     if sharded:
         raise ValueError(f"build_dense_engine: {sharded[0]!r} is a TorchRec module; bind value tables with register=False")
     _skip_shm_comm_build()

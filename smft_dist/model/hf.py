@@ -1,4 +1,4 @@
-"""transformers glue: config + causal-LM wrapper, Auto* registration, Llama import.
+"""transformers glue: config + causal-LM wrapper, Auto* registration.
 
 ``save_pretrained`` / ``from_pretrained`` (local directories) / ``generate`` work on
 :class:`SMFTForCausalLM`; importing :mod:`smft_dist.model` registers it with ``AutoConfig`` and
@@ -7,13 +7,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from smft_dist.config import ConfigError, MemoryConfig, ModelConfig, from_dict, to_dict
+from smft_dist.config import ModelConfig, from_dict, to_dict
 from smft_dist.model.transformer import Transformer, lm_loss
 
 
@@ -77,62 +75,3 @@ class SMFTForCausalLM(PreTrainedModel, GenerationMixin):
 AutoConfig.register(SMFTConfig.model_type, SMFTConfig, exist_ok=True)
 AutoModelForCausalLM.register(SMFTConfig, SMFTForCausalLM, exist_ok=True)
 
-
-_LLAMA_LAYER_MAP = {
-    "self_attn.q_proj": "attention.wq",
-    "self_attn.k_proj": "attention.wk",
-    "self_attn.v_proj": "attention.wv",
-    "self_attn.o_proj": "attention.wo",
-    "input_layernorm": "attention_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn.w1",
-    "mlp.up_proj": "ffn.w3",
-    "mlp.down_proj": "ffn.w2",
-}
-
-
-def from_llama(path: str | Path, memory: MemoryConfig) -> SMFTForCausalLM:
-    """Build a memory model from a local Llama-architecture checkpoint.
-
-    Every weight is copied; the FFN of each layer in ``memory.layers`` is replaced by a freshly
-    initialized memory layer (its Llama MLP weights are dropped).
-    """
-    from transformers import LlamaForCausalLM
-
-    llama = LlamaForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32)
-    lc = llama.config
-    head_dim = getattr(lc, "head_dim", None) or lc.hidden_size // lc.num_attention_heads
-    if head_dim * lc.num_attention_heads != lc.hidden_size:
-        raise ConfigError(f"{path}: head_dim {head_dim} * heads {lc.num_attention_heads} != hidden_size {lc.hidden_size}")
-    if getattr(lc, "attention_bias", False) or getattr(lc, "mlp_bias", False):
-        raise ConfigError(f"{path}: Llama checkpoints with attention/MLP biases are not supported")
-    rope = getattr(lc, "rope_parameters", None) or {}
-    rope_theta = rope.get("rope_theta", getattr(lc, "rope_theta", 10000.0))
-    cfg = ModelConfig(
-        vocab_size=lc.vocab_size,
-        dim=lc.hidden_size,
-        n_layers=lc.num_hidden_layers,
-        n_heads=lc.num_attention_heads,
-        n_kv_heads=lc.num_key_value_heads,
-        ffn_hidden_dim=lc.intermediate_size,
-        norm_eps=lc.rms_norm_eps,
-        rope_theta=float(rope_theta),
-        max_seq_len=lc.max_position_embeddings,
-        tie_embeddings=bool(lc.tie_word_embeddings),
-        memory=memory,
-    )
-    model = SMFTForCausalLM(SMFTConfig(model=to_dict(cfg)))
-    target = model.model.state_dict()
-    mapped = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight"}
-    if not cfg.tie_embeddings:
-        mapped["lm_head.weight"] = "output.weight"
-    for i in range(cfg.n_layers):
-        for src, dst in _LLAMA_LAYER_MAP.items():
-            if dst.startswith("ffn.") and i in memory.layers:
-                continue
-            mapped[f"model.layers.{i}.{src}.weight"] = f"layers.{i}.{dst}.weight"
-    source = llama.state_dict()
-    with torch.no_grad():
-        for src, dst in mapped.items():
-            target[dst].copy_(source[src])
-    return model

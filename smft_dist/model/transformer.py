@@ -1,4 +1,4 @@
-"""Decoder-only transformer: pre-RMSNorm blocks, RoPE, causal SDPA attention, SwiGLU or memory FFN.
+"""Decoder-only transformer: pre-RMSNorm blocks, RoPE, causal SDPA attention, SwiGLU FFN and/or memory layer.
 
 Value tables live in one place, :attr:`Transformer.value_tables`, and are *bound* to the memory
 layers that read them; :meth:`Transformer.bind_value_tables` swaps in other implementations (a
@@ -44,9 +44,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.kv_heads
         self.head_dim = cfg.dim // cfg.n_heads
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=False)
+        bias = cfg.attention_bias
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=bias)
+        self.wk = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, attn_mask):
@@ -73,16 +74,31 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm block. With a memory layer (``table_name``) and ``memory.placement`` ``replace`` the
+    FFN *is* the memory layer; with ``beside`` the block keeps its SwiGLU and adds the memory layer
+    reading the same normed input: ``x + ffn(h) + memory(h)``."""
+
     def __init__(self, cfg: ModelConfig, layer_id: int, table_name: str | None):
         super().__init__()
         self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.ffn = MemoryLayer(cfg.dim, cfg.memory, table_name) if table_name else SwiGLU(cfg.dim, cfg.hidden_dim)
+        replace = table_name is not None and cfg.memory.placement == "replace"
+        self.ffn = MemoryLayer(cfg.dim, cfg.memory, table_name) if replace else SwiGLU(cfg.dim, cfg.hidden_dim)
+        self.memory = MemoryLayer(cfg.dim, cfg.memory, table_name) if table_name and not replace else None
+
+    @property
+    def memory_layer(self) -> MemoryLayer | None:
+        """This block's memory layer (in place of the FFN or beside it), or None."""
+        return self.ffn if isinstance(self.ffn, MemoryLayer) else self.memory
 
     def forward(self, x, cos, sin, attn_mask, valid):
         x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask)
-        return x + self.ffn(self.ffn_norm(x), valid)
+        h = self.ffn_norm(x)
+        out = self.ffn(h, valid)
+        if self.memory is not None:
+            out = out + self.memory(h, valid)
+        return x + out
 
 
 class Transformer(nn.Module):
@@ -114,6 +130,8 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=self.cfg.init_std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.RMSNorm):
                 nn.init.ones_(module.weight)
         for layer in self.memory_layers():
@@ -123,7 +141,7 @@ class Transformer(nn.Module):
                 table.reset_parameters()
 
     def memory_layers(self) -> list[MemoryLayer]:
-        return [b.ffn for b in self.layers if isinstance(b.ffn, MemoryLayer)]
+        return [b.memory_layer for b in self.layers if b.memory_layer is not None]
 
     def bind_value_tables(self, tables: Mapping[str, ValueTable], register: bool = True) -> None:
         """Make memory layers read ``tables`` (name -> table); register them as submodules or not."""

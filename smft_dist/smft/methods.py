@@ -1,14 +1,18 @@
 """Training methods: which parameters train, and with what optimizer.
 
-=========  ==========================================  ========================================
-method     trains                                      optimizer
-=========  ==========================================  ========================================
-pretrain   everything (scores carry gradient)          AdamW dense; values at their own lr
-smft       top-t value rows per table and step         row optimizer (sparse_optim); dense frozen
-memory_ft  every accessed value row                    row optimizer (sparse_optim); dense frozen
-full_ft    every parameter                             AdamW
-lora       LoRA adapters on attention + SwiGLU FFNs    AdamW (peft)
-=========  ==========================================  ========================================
+===============  ==========================================  ========================================
+method           trains                                      optimizer
+===============  ==========================================  ========================================
+pretrain         everything (scores carry gradient)          AdamW dense; values at their own lr
+smft             top-t value rows per table and step         row optimizer (sparse_optim); dense frozen
+memory_ft        every accessed value row                    row optimizer (sparse_optim); dense frozen
+memory_pretrain  memory layers: query, keys, W1, W2, values  AdamW on those; values at their own lr
+full_ft          every parameter                             AdamW (value rows too)
+lora             LoRA adapters on attention + SwiGLU FFNs    AdamW (peft)
+===============  ==========================================  ========================================
+
+memory_pretrain is recovery training after a retrofit (:mod:`smft_dist.model.retrofit`): the
+memory learns while every other weight stays bit-identical.
 
 SGD for sparse methods follows the paper. smft / memory_ft update rows by a deferred row update
 (``ValueTable.update_rows``): one selection per table and optimizer step from the counts of every
@@ -25,7 +29,6 @@ import torch
 from torch import nn
 
 from smft_dist.config import ConfigError, MethodConfig
-from smft_dist.model.memory import MemoryLayer
 from smft_dist.model.transformer import Attention, SwiGLU, Transformer
 from smft_dist.smft.background import BackgroundStats
 from smft_dist.smft.selection import RowSelector, idf
@@ -62,7 +65,7 @@ def apply_method(
 ) -> MethodPlan:
     """Freeze / unfreeze parameters of ``model`` for ``cfg.name``; smft / memory_ft get one row
     selector per value table and defer the row updates of the model's local tables."""
-    if cfg.name in ("smft", "memory_ft") and not model.memory_layers():
+    if cfg.name in ("smft", "memory_ft", "memory_pretrain") and not model.memory_layers():
         raise ConfigError(f"model.memory.layers: method {cfg.name} needs at least one memory layer")
     if cfg.name == "lora":
         from peft import LoraConfig, inject_adapter_in_model
@@ -76,6 +79,9 @@ def apply_method(
     dense_train = cfg.name in ("pretrain", "full_ft")
     for _, p in model.dense_parameters():
         p.requires_grad_(dense_train)
+    if cfg.name == "memory_pretrain":
+        for layer in model.memory_layers():
+            layer.requires_grad_(True)
     selectors: dict[str, RowSelector] = {}
     if cfg.name in ("smft", "memory_ft"):
         ranking = cfg.ranking if cfg.name == "smft" else "all"

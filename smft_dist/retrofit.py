@@ -1,0 +1,53 @@
+"""Give a pretrained HF model memory layers: ``python -m smft_dist.retrofit --model PATH --layers 6,12 --out DIR``.
+
+Reads a local Llama / Qwen2 / Mistral checkpoint and writes a ``save_pretrained`` directory (with
+the checkpoint's tokenizer copied beside it) that ``train.init_from`` starts from. ``--placement
+beside`` (default) adds each memory layer next to the block's FFN with a zero output projection, so
+the result computes the original function; ``replace`` swaps the FFN out. Memory shape:
+``key=value`` overrides of ``model.memory`` fields, e.g. ``n_keys=512 heads=4 topk=32 k_dim=128``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from transformers import AutoTokenizer
+
+from smft_dist.config import ConfigError, MemoryConfig, apply_overrides, from_dict
+from smft_dist.model.retrofit import retrofit
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="local HF checkpoint directory")
+    p.add_argument("--layers", required=True, help="comma-separated block indices, e.g. 6,12,18")
+    p.add_argument("--out", required=True, help="output directory (save_pretrained + tokenizer)")
+    p.add_argument("--placement", default="beside", choices=("beside", "replace"))
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the memory layers' initial values")
+    p.add_argument("memory", nargs="*", help="model.memory overrides, e.g. n_keys=512 topk=32")
+    args = p.parse_args(argv)
+    try:
+        try:
+            layers = [int(x) for x in args.layers.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--layers: {args.layers!r} is not a comma-separated list of block indices") from None
+        memory = from_dict(MemoryConfig, apply_overrides({"layers": layers, "placement": args.placement}, args.memory), prefix="model.memory")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--tokenizer: cannot load a tokenizer from {args.tokenizer or args.model} ({str(e).splitlines()[0]})") from None
+        torch.manual_seed(args.seed)
+        model = retrofit(args.model, memory)
+    except (ConfigError, OSError) as e:
+        raise SystemExit(f"smft_dist.retrofit: {str(e).strip().splitlines()[0]}") from None
+    model.save_pretrained(args.out, safe_serialization=True)
+    tokenizer.save_pretrained(args.out)
+    cfg = model.config.to_model_config()
+    print(f"retrofit: {args.model} -> {args.out}: memory {memory.placement} the FFN of layers {memory.layers}, "
+          f"{memory.num_slots} slots x {cfg.value_dim} per table", flush=True)
+
+
+if __name__ == "__main__":
+    main()
