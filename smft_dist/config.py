@@ -365,7 +365,12 @@ class JobConfig:
             self.validate_model_fit()
 
     def validate_model_fit(self) -> None:
-        """Fields that must agree with the model: sequence lengths and top-t against its size."""
+        """Fields that must agree with the model: sequence lengths, top-t against its size, a shared
+        value pool against the value optimizer."""
+        mem = self.model.memory
+        _require(not (self._values_train_fused() and mem.shared_values and len(mem.layers) > 1),
+                 "model.memory.shared_values", f"the fused sparse_optim.type={self.sparse_optim.type} updates the shared "
+                 "pool inside each layer's backward, so other layers' score gradients read updated rows; use sparse_optim.type=adamw")
         limit = self.model.max_seq_len
         for name in ("pretrain", "background", "continual"):
             stream = getattr(self.data, name)
@@ -378,6 +383,11 @@ class JobConfig:
         if self.method.name == "smft" and self.method.ranking != "all" and self.model.memory.layers:
             _require(self.method.top_t <= slots, "method.top_t", f"{self.method.top_t} exceeds the {slots} slots of a memory table")
 
+    def _values_train_fused(self) -> bool:
+        """Value rows train through FBGEMM's fused optimizer inside the dense backward (pretraining)."""
+        return (self.method.name in ("pretrain", "memory_pretrain") and self.sparse_optim.type in FUSED_OPTIMIZERS
+                and self.distributed.table_placement == "row_wise")
+
     def _validate_value_optimizer(self) -> None:
         """Refuse value-row optimizers that would train something other than their name says."""
         method, opt, dist = self.method.name, self.sparse_optim, self.distributed
@@ -388,18 +398,15 @@ class JobConfig:
                 _require(getattr(opt, name) == getattr(SparseOptimConfig, name), f"sparse_optim.{name}",
                          "full_ft trains value rows with the dense AdamW's settings (method.betas, method.weight_decay)")
         if opt.type == "adamw":
-            _require(method in ("pretrain", "full_ft"), "sparse_optim.type", f"adamw steps every row of the shard "
+            _require(method in ("pretrain", "memory_pretrain", "full_ft"), "sparse_optim.type", f"adamw steps every row of the shard "
                      f"(weight decay, momentum); {method} trains {'no' if method == 'lora' else 'only some'} value rows")
         if dist.table_placement == "data_parallel":
             _require(opt.type in ("exact_sgd", "adamw"), "sparse_optim.type",
                      f"replicated tables (distributed.table_placement=data_parallel) train with exact_sgd or adamw, not {opt.type}")
-        fused_rows = method == "pretrain" and opt.type in FUSED_OPTIMIZERS and dist.table_placement == "row_wise"
+        fused_rows = self._values_train_fused()
         _require(not (fused_rows and dist.grad_accum_steps > 1), "distributed.grad_accum_steps",
                  f"the fused sparse_optim.type={opt.type} updates value rows inside every backward, so rows would "
                  "step once per micro-batch; use sparse_optim.type=adamw (one step per optimizer step)")
-        _require(not (fused_rows and self.model.memory.shared_values and len(self.model.memory.layers) > 1),
-                 "model.memory.shared_values", f"the fused sparse_optim.type={opt.type} updates the shared pool inside "
-                 "each layer's backward, so other layers' score gradients read updated rows; use sparse_optim.type=adamw")
 
 
 # --------------------------------------------------------------------------------------- loading
