@@ -23,7 +23,7 @@ from smft_dist.distributed.env import LaunchError, init_distributed
 from smft_dist.distributed.parallelize import Parallel, parallelize, train_step
 from smft_dist.eval import run_eval
 from smft_dist.metrics import MetricLogger
-from smft_dist.model.hf import SMFTForCausalLM
+from smft_dist.model.saved import load_dense
 from smft_dist.model.transformer import Transformer
 from smft_dist.smft.background import BackgroundStats
 from smft_dist.smft.methods import apply_method
@@ -41,14 +41,15 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
 
 
 def build_model(cfg: JobConfig) -> Transformer:
-    """A fresh model (seeded, identical on every rank; value tables are made per shard later) or
-    the one saved at ``train.init_from``. Seeds the global RNG either way (LoRA adapters draw from it)."""
+    """A fresh model (seeded, identical on every rank) or the one saved at ``train.init_from``, either
+    way without value tables: each rank makes or reads its own shard of them in ``parallelize``.
+    Seeds the global RNG either way (LoRA adapters draw from it)."""
     torch.manual_seed(cfg.train.seed)
     if cfg.train.init_from:
         path = Path(cfg.train.init_from)
         if not (path / "config.json").is_file():
             raise ConfigError(f"train.init_from: {path} is not a save_pretrained directory (no config.json)")
-        model = SMFTForCausalLM.from_pretrained(str(path)).model
+        model = load_dense(path)
         cfg.model = model.cfg
         return model
     return Transformer(cfg.model, build_value_tables=False)

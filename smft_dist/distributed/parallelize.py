@@ -12,6 +12,7 @@ from smft_dist.config import JobConfig
 from smft_dist.distributed.dense import build_dense_engine, dense_dtype, set_dense_lr
 from smft_dist.distributed.sharding import ShardedValueTable
 from smft_dist.model.transformer import Transformer, lm_loss, value_table_names
+from smft_dist.model.saved import saved_value_rows
 from smft_dist.model.value_table import SeededRows
 from smft_dist.smft.methods import MethodPlan
 
@@ -37,8 +38,9 @@ def shard_value_tables(
     """Replace the model's local value tables by TorchRec ones (unregistered: DeepSpeed never sees them).
 
     Rows come from the local tables (identical on every rank) or, for a model built without them
-    (``Transformer(cfg, build_value_tables=False)``), from :class:`SeededRows` of ``train.seed``,
-    each rank generating only its own shard. Frozen values (``values_train`` False) keep lr 0: rows
+    (``Transformer(cfg, build_value_tables=False)``), from the model saved at ``train.init_from``
+    (:class:`SavedRows`) or else :class:`SeededRows` of ``train.seed``: each rank reads or generates
+    only its own shard. Frozen values (``values_train`` False) keep lr 0: rows
     stay bit-identical while scores still get gradients. ``split``: lookups carry a trainable mask
     (sparse memory finetuning).
     """
@@ -48,7 +50,12 @@ def shard_value_tables(
     tables = {}
     for i, name in enumerate(names):
         local = model.value_tables[name] if name in model.value_tables else None
-        init = local.full_weight() if local is not None else SeededRows(slots, dim, cfg.train.seed * 1009 + i)
+        if local is not None:
+            init = local.full_weight()
+        elif cfg.train.init_from:
+            init = saved_value_rows(cfg.train.init_from, name)
+        else:
+            init = SeededRows(slots, dim, cfg.train.seed * 1009 + i)
         tables[name] = ShardedValueTable(
             name, init, cfg.sparse_optim, lr, cfg.distributed.table_placement, device, group, split=split
         )

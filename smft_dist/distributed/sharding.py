@@ -29,7 +29,7 @@ from torchrec.distributed.types import ShardingEnv, ShardingType
 
 from smft_dist.config import SparseOptimConfig
 from smft_dist.distributed.weighted_dist import sharded_weights
-from smft_dist.model.value_table import SeededRows, ValueTable, split_bags
+from smft_dist.model.value_table import SavedRows, SeededRows, ValueTable, split_bags
 
 SPLIT_FEATURES = ("train", "frozen")
 WHOLE_FEATURES = ("all",)
@@ -77,7 +77,8 @@ class ShardedValueTable(ValueTable):
     """A :class:`ValueTable` backed by a sharded TorchRec EBC (row-wise or replicated).
 
     ``init`` is the whole table ([num_rows, dim], the same on every rank; only this rank's rows are
-    kept) or :class:`~smft_dist.model.value_table.SeededRows`, which generates this rank's rows only.
+    kept) or a row source that makes this rank's rows only: :class:`~smft_dist.model.value_table.SeededRows`
+    (generated) or :class:`~smft_dist.model.value_table.SavedRows` (read from a saved model).
     ``split``: lookups may pass a ``trainable`` mask (two features, see the module docstring).
     Per-sample weights get gradients under ROW_WISE too (:mod:`smft_dist.distributed.weighted_dist`).
     """
@@ -85,7 +86,7 @@ class ShardedValueTable(ValueTable):
     def __init__(
         self,
         name: str,
-        init: torch.Tensor | SeededRows,
+        init: torch.Tensor | SeededRows | SavedRows,
         optim: SparseOptimConfig,
         lr: float,
         placement: str = "row_wise",
