@@ -141,10 +141,10 @@ def train(cfg: JobConfig) -> dict[str, float]:
 
 
 def evaluate(par: Parallel, tokenizer, cfg: JobConfig) -> dict[str, float]:
-    """The configured eval tasks on the model being trained. Row-sharded lookups are collective,
-    so then every rank evaluates every example in lockstep; otherwise ranks split the examples."""
+    """The configured eval tasks on the model being trained, the examples split over the ranks.
+    Row-sharded lookups are collective, so then the ranks run equal-shaped batches in lockstep."""
     collective = dist.get_world_size() > 1 and any(t.placement == "row_wise" for t in par.tables.values())
-    return run_eval(par.model, tokenizer, cfg.eval, cache_dir=cfg.data.cache_dir, shard=not collective)
+    return run_eval(par.model, tokenizer, cfg.eval, cache_dir=cfg.data.cache_dir, lockstep=collective)
 
 
 # Bad input (config, data, checkpoint, launch environment): one line naming it, no traceback.
