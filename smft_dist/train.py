@@ -21,6 +21,7 @@ from smft_dist.data import DataError, build_stream, load_tokenizer
 from smft_dist.distributed.checkpoint import CheckpointError, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from smft_dist.distributed.env import LaunchError, init_distributed
 from smft_dist.distributed.parallelize import Parallel, parallelize, train_step
+from smft_dist.distributed.preemption import PreemptionHandler
 from smft_dist.eval import run_eval
 from smft_dist.metrics import MetricLogger
 from smft_dist.model.saved import load_dense
@@ -102,6 +103,7 @@ def train(cfg: JobConfig) -> dict[str, float]:
         saved = progress["step"]
 
     metrics: dict[str, float] = {}
+    preemption = PreemptionHandler()
     batches, tokens, t0 = iter(stream), 0, time.perf_counter()
     while progress["step"] < cfg.train.steps:
         batch = next(batches, None)
@@ -128,6 +130,13 @@ def train(cfg: JobConfig) -> dict[str, float]:
             logger.log(step, evaluate(par, tokenizer, cfg), prefix="eval")
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
             checkpoint()
+        if preemption.requested():  # a signal on any rank: all save this step and leave; a requeued job resumes
+            if step > saved:
+                checkpoint()
+            if env.is_main:
+                print(f"train: stop signal, checkpoint at step {step} saved; exiting for the requeued job to resume", flush=True)
+            logger.close()
+            return metrics
     if cfg.eval.tasks:
         final = evaluate(par, tokenizer, cfg)
         logger.log(progress["step"], final, prefix="eval")
