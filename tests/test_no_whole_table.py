@@ -1,5 +1,6 @@
 """No rank holds a whole value table: ``train.init_from`` reads each rank's rows from the saved
-file, training never gathers, and the HF export streams rows to rank 0 in bounded chunks."""
+file, training and checkpoints never gather, and the HF export streams rows to rank 0 in bounded
+chunks."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from smft_dist.config import to_dict
+from smft_dist.config import CheckpointConfig, to_dict
 from tests.distributed_helpers import B, batch, rank_slice, tiny_job
 from tests.multiproc import run_ranks
 
@@ -18,7 +19,7 @@ def _forbid(*_args, **_kwargs):
     raise AssertionError("a whole value table was built or gathered")
 
 
-def _init_train_export(rank: int, world: int, saved: str, out: str) -> dict:
+def _init_train_export(rank: int, world: int, saved: str, out: str, ckpt: str) -> dict:
     from smft_dist.distributed import checkpoint
     from smft_dist.distributed.parallelize import parallelize, train_step
     from smft_dist.distributed.sharding import ShardedValueTable
@@ -42,20 +43,22 @@ def _init_train_export(rank: int, world: int, saved: str, out: str) -> dict:
     loaded = table.local_weight().clone()
     ids, mask, labels = batch(world * B, 0)
     train_step(par, *(rank_slice(t, rank, world, world * B) for t in (ids, mask, labels)))
+    checkpoint.save_checkpoint(par, CheckpointConfig(dir=ckpt), 1, job.model)
+    checkpoint.load_checkpoint(par, ckpt)
     checkpoint.export_hf(par, job.model, out, chunk_bytes=CHUNK_ROWS * 4 * table.dim)
     return {"reads": reads, "received": received, "offset": table.row_offsets[rank], "loaded": loaded,
             "trained": table.local_weight().clone(), "dense": {n: p.detach().clone() for n, p in par.model.dense_parameters()}}
 
 
 @pytest.mark.multirank
-def test_init_from_training_and_export_never_hold_a_whole_table(tmp_path):
+def test_init_from_training_checkpoints_and_export_never_hold_a_whole_table(tmp_path):
     from smft_dist.model.hf import SMFTConfig, SMFTForCausalLM
 
     job = tiny_job("pretrain")
     torch.manual_seed(5)
     SMFTForCausalLM(SMFTConfig(model=to_dict(job.model))).save_pretrained(tmp_path / "saved")
     saved = SMFTForCausalLM.from_pretrained(tmp_path / "saved").model
-    ranks = run_ranks(_init_train_export, 2, str(tmp_path / "saved"), str(tmp_path / "out"))
+    ranks = run_ranks(_init_train_export, 2, str(tmp_path / "saved"), str(tmp_path / "out"), str(tmp_path / "ckpt"))
 
     rows = saved.value_tables["mem_values_1"].weight.detach()
     for r in ranks:  # each rank read exactly its own rows, and they are the saved ones

@@ -11,8 +11,8 @@ import torch.distributed as dist
 from smft_dist.config import JobConfig
 from smft_dist.distributed.dense import build_dense_engine, dense_dtype, set_dense_lr
 from smft_dist.distributed.sharding import ShardedValueTable
-from smft_dist.model.transformer import Transformer, lm_loss, value_table_names
 from smft_dist.model.saved import saved_value_rows
+from smft_dist.model.transformer import Transformer, lm_loss, value_table_names
 from smft_dist.model.value_table import SeededRows
 from smft_dist.smft.methods import MethodPlan
 
@@ -40,8 +40,8 @@ def shard_value_tables(
     Rows come from the local tables (identical on every rank) or, for a model built without them
     (``Transformer(cfg, build_value_tables=False)``), from the model saved at ``train.init_from``
     (:class:`SavedRows`) or else :class:`SeededRows` of ``train.seed``: each rank reads or generates
-    only its own shard. Frozen values (``values_train`` False) keep lr 0: rows
-    stay bit-identical while scores still get gradients. ``split``: lookups carry a trainable mask
+    only its own shard. Frozen values (``values_train`` False) keep lr 0: rows stay bit-identical
+    while scores still get gradients. ``split``: lookups carry a trainable mask
     (sparse memory finetuning).
     """
     lr = cfg.method.value_lr if values_train else 0.0

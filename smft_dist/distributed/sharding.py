@@ -41,6 +41,7 @@ _OPTIMIZERS = {
     "partial_rowwise_adam": EmbOptimType.PARTIAL_ROWWISE_ADAM,
 }
 _CUDA_ONLY = {"adam", "partial_rowwise_adam"}
+INIT_CHUNK_ROWS = 65536  # initial rows copied into the shard at a time (SeededRows' block size)
 
 
 def fused_params(cfg: SparseOptimConfig, lr: float, device_type: str) -> dict:
@@ -124,10 +125,14 @@ class ShardedValueTable(ValueTable):
         self.replicated_optimizer = None
         if placement == "data_parallel":
             self.replicated_optimizer = _replicated_optimizer(optim, lr, self.local_weight())
-        with torch.no_grad():
+        with torch.no_grad():  # this rank's rows in blocks aligned to INIT_CHUNK_ROWS: no shard-sized copy
+            local = self.local_weight()
             lo = self.row_offsets[dist.get_rank(self.group)] if shards else 0
-            hi = lo + self.local_weight().shape[0]
-            self.local_weight().copy_(init[lo:hi] if isinstance(init, torch.Tensor) else init.rows(lo, hi))
+            hi = lo + local.shape[0]
+            bounds = [lo, *range((lo // INIT_CHUNK_ROWS + 1) * INIT_CHUNK_ROWS, hi, INIT_CHUNK_ROWS), hi]
+            for a, b in zip(bounds, bounds[1:]):
+                if a < b:
+                    local[a - lo : b - lo].copy_(init[a:b] if isinstance(init, torch.Tensor) else init.rows(a, b))
 
     # ---------------------------------------------------------------------------------- rows
     @property
