@@ -4,9 +4,10 @@ the number of slots, and row-wise lookup throughput per rank, all on 2 gloo rank
     python -m benchmarks.scale            # N = 2^20 x 1024 (the paper's table), then 2^22 x 256
     python -m benchmarks.scale --quick    # tiny sizes: checks that every phase runs
 
-Memory: every phase runs in a fresh pair of processes and reports, per rank, the resident set
-before any table exists (imports, dense model), the peak (``VmHWM``) and the rank's table shard:
-``(peak - before) / shard`` is the memory a phase needs per byte of shard (1.0: the shard alone).
+Memory: every phase runs in a fresh pair of processes and reports the larger rank's peak resident
+set (``VmHWM``), once at the measured size and once at a tiny table (the baseline: libraries, dense
+model, runtime buffers): ``(peak - baseline) / shard`` is the memory a phase needs per byte of its
+table shard (1.0: the shard alone).
 Phases: pretrain and SMFT steps, ``train.init_from`` of a saved model and the HF export.
 Step time: SMFT (count, rank, split) against memory_ft with the same batch at N = 2^16 .. 2^22,
 and the share of the step spent in the trainable-row selection (slot counting + ranking).
@@ -33,10 +34,11 @@ from smft_dist.distributed.env import DistEnv, free_port, init_distributed
 from smft_dist.model import LocalValueTable
 
 TABLE = "mem_values_1"
+SMALL_N_LOG2 = 10  # the memory baseline: every phase at a table too small to matter
 
 
 def _status_kib(field: str) -> int:
-    """A ``/proc/self/status`` size (VmRSS, VmHWM) in KiB."""
+    """A ``/proc/self/status`` size (VmHWM: peak resident set) in KiB."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
@@ -76,12 +78,12 @@ def _phase(rank: int, world: int, port: int, phase: str, args, n_log2: int, v_di
     torch.set_num_threads(1)
     _, device = init_distributed("gloo", DistEnv(rank, world, rank, "127.0.0.1", port, "bench"))
     method = {"pretrain": "pretrain", "smft": "smft", "memory_ft": "memory_ft"}.get(phase, "memory_ft")
-    job = _job(args, n_log2, v_dim, method, init_from=args.saved if phase == "init_from" else None)
+    saved = f"{args.saved}-{n_log2}"  # export writes the model init_from reads, per size
+    job = _job(args, n_log2, v_dim, method, init_from=saved if phase == "init_from" else None)
     model = build_model(job) if phase == "init_from" else Transformer(job.model, build_value_tables=False)
-    before = _status_kib("VmRSS")
     plan = apply_method(model, job.method, _background(job.model.memory.num_slots) if method == "smft" else None)
     par = parallelize(model, job, plan, device)
-    result = {"shard_kib": par.tables[TABLE].local_weight().numel() * 4 // 1024, "before_kib": before}
+    result = {"shard_kib": par.tables[TABLE].local_weight().numel() * 4 // 1024}
     ids, mask = _batch(args, rank)
     if phase in ("pretrain", "smft", "memory_ft"):
         selecting = [0.0]
@@ -99,7 +101,7 @@ def _phase(rank: int, world: int, port: int, phase: str, args, n_log2: int, v_di
             times.append(time.perf_counter() - t0)
         result.update(step_s=min(times), select_s=selecting[0] / args.repeats, mean_step_s=sum(times) / len(times))
     elif phase == "export":
-        export_hf(par, job.model, args.saved)
+        export_hf(par, job.model, saved)
     result["peak_kib"] = _status_kib("VmHWM")
     torch.save(result, f"{out}.rank{rank}")
     dist.barrier()
@@ -125,13 +127,17 @@ def run_phase(phase: str, args, n_log2: int, v_dim: int, world: int = 2) -> list
 
 
 def memory_table(args, n_log2: int, v_dim: int) -> None:
-    print(f"\npeak memory per rank, N = 2^{n_log2} x v_dim {v_dim} ({2**n_log2 * v_dim * 4 / 2**30:.2f} GiB table), 2 ranks")
-    print(f"{'phase':<12}{'shard MiB':>11}{'before MiB':>12}{'peak MiB':>10}{'(peak-before)/shard':>21}")
-    for phase in ("pretrain", "smft", "export", "init_from"):  # export writes the model init_from reads
-        worst = max(run_phase(phase, args, n_log2, v_dim), key=lambda r: r["peak_kib"] - r["before_kib"])
-        ratio = (worst["peak_kib"] - worst["before_kib"]) / max(worst["shard_kib"], 1)
-        print(f"{phase:<12}{worst['shard_kib'] / 1024:>11.1f}{worst['before_kib'] / 1024:>12.1f}"
-              f"{worst['peak_kib'] / 1024:>10.1f}{ratio:>21.2f}")
+    print(f"\npeak memory per rank, N = 2^{n_log2} x v_dim {v_dim} ({2**n_log2 * v_dim * 4 / 2**30:.2f} GiB table), 2 ranks;"
+          f" baseline: the same phase at N = 2^{SMALL_N_LOG2}")
+    print(f"{'phase':<12}{'shard MiB':>11}{'peak MiB':>10}{'baseline MiB':>14}{'(peak-baseline)/shard':>23}")
+    for phase in ("pretrain", "smft", "export", "init_from"):
+        worst = {}
+        for size in (SMALL_N_LOG2, n_log2):
+            worst[size] = max(run_phase(phase, args, size, v_dim), key=lambda r: r["peak_kib"])
+        big, small = worst[n_log2], worst[SMALL_N_LOG2]
+        ratio = (big["peak_kib"] - small["peak_kib"]) / max(big["shard_kib"] - small["shard_kib"], 1)
+        print(f"{phase:<12}{big['shard_kib'] / 1024:>11.1f}{big['peak_kib'] / 1024:>10.1f}"
+              f"{small['peak_kib'] / 1024:>14.1f}{ratio:>23.2f}")
 
 
 def step_table(args, v_dim: int) -> None:
