@@ -26,9 +26,10 @@ from smft_dist.distributed.env import LaunchError, init_distributed
 from smft_dist.distributed.nonfinite import NonFiniteError, NonFiniteGuard
 from smft_dist.distributed.parallelize import Parallel, parallelize, train_step
 from smft_dist.distributed.sharding import value_optimizer
+from smft_dist.distributed.preemption import PreemptionHandler
 from smft_dist.eval import run_eval
 from smft_dist.metrics import MetricLogger
-from smft_dist.model.hf import SMFTForCausalLM
+from smft_dist.model.saved import load_dense
 from smft_dist.model.transformer import Transformer
 from smft_dist.smft.background import BackgroundStats
 from smft_dist.smft.methods import apply_method
@@ -46,14 +47,15 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
 
 
 def build_model(cfg: JobConfig) -> Transformer:
-    """A fresh model (seeded, identical on every rank; value tables are made per shard later) or
-    the one saved at ``train.init_from``. Seeds the global RNG either way (LoRA adapters draw from it)."""
+    """A fresh model (seeded, identical on every rank) or the one saved at ``train.init_from``, either
+    way without value tables: each rank makes or reads its own shard of them in ``parallelize``.
+    Seeds the global RNG either way (LoRA adapters draw from it)."""
     torch.manual_seed(cfg.train.seed)
     if cfg.train.init_from:
         path = Path(cfg.train.init_from)
         if not (path / "config.json").is_file():
             raise ConfigError(f"train.init_from: {path} is not a save_pretrained directory (no config.json)")
-        model = SMFTForCausalLM.from_pretrained(str(path)).model
+        model = load_dense(path)
         cfg.model = model.cfg
         cfg.validate_model_fit()
         return model
@@ -121,6 +123,7 @@ def train(cfg: JobConfig) -> dict[str, float]:
         saved = progress["step"]
 
     metrics: dict[str, float] = {}
+    preemption = PreemptionHandler()
     _, value_lr = value_optimizer(cfg)
     batches, tokens, t0 = step_batches(stream, cfg.distributed.grad_accum_steps), 0, time.perf_counter()
     while progress["step"] < cfg.train.steps:
@@ -148,6 +151,13 @@ def train(cfg: JobConfig) -> dict[str, float]:
             logger.log(step, evaluate(par, tokenizer, cfg), prefix="eval")
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
             checkpoint()
+        if preemption.requested():  # a signal on any rank: all save this step and leave; a requeued job resumes
+            if step > saved:
+                checkpoint()
+            if env.is_main:
+                print(f"train: stop signal, checkpoint at step {step} saved; exiting for the requeued job to resume", flush=True)
+            logger.close()
+            return metrics
     if cfg.eval.tasks:
         final = evaluate(par, tokenizer, cfg)
         logger.log(progress["step"], final, prefix="eval")
@@ -161,10 +171,10 @@ def train(cfg: JobConfig) -> dict[str, float]:
 
 
 def evaluate(par: Parallel, tokenizer, cfg: JobConfig) -> dict[str, float]:
-    """The configured eval tasks on the model being trained. Row-sharded lookups are collective,
-    so then every rank evaluates every example in lockstep; otherwise ranks split the examples."""
+    """The configured eval tasks on the model being trained, the examples split over the ranks.
+    Row-sharded lookups are collective, so then the ranks run equal-shaped batches in lockstep."""
     collective = dist.get_world_size() > 1 and any(t.placement == "row_wise" for t in par.tables.values())
-    return run_eval(par.model, tokenizer, cfg.eval, cache_dir=cfg.data.cache_dir, shard=not collective)
+    return run_eval(par.model, tokenizer, cfg.eval, cache_dir=cfg.data.cache_dir, lockstep=collective)
 
 
 # Bad input (config, data, checkpoint, launch environment): one line naming it, no traceback.

@@ -98,3 +98,22 @@ def test_value_optimizers_that_would_train_something_else_are_refused(overrides,
 )
 def test_exact_value_optimizer_combinations_load(overrides):
     load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    "name, seq_len, top_t, layers",
+    [("paper_smft_facts", 64, 500, [12]), ("paper_smft_documents", 512, 10_000, [12]),
+     ("paper_smft_facts_memory_plus", 64, 500, [4, 12, 20])],
+)
+def test_paper_smft_configs_are_the_papers_runs(name, seq_len, top_t, layers):
+    configs = Path(__file__).parent.parent / "configs"
+    cfg, base = load_config(configs / f"{name}.yaml"), load_config(configs / "paper_1p3b.yaml").model
+    m, c = cfg.method, cfg.data.continual
+    assert (m.name, m.ranking, m.top_t, m.value_lr, cfg.sparse_optim.type) == ("smft", "tfidf", top_t, 2.0, "exact_sgd")
+    assert (c.batch_size, c.seq_len, c.pack, c.shuffle) == (64, seq_len, False, False)
+    assert cfg.model.memory.layers == layers and cfg.model.memory.shared_values == (len(layers) > 1)
+    same = {f: getattr(base, f) for f in ("vocab_size", "dim", "n_layers", "n_heads", "tie_embeddings")}
+    assert {f: getattr(cfg.model, f) for f in same} == same
+    assert (cfg.model.memory.num_slots, cfg.model.value_dim) == (base.memory.num_slots, base.value_dim)
+    for task in cfg.eval.tasks:  # every evaluation source is a local file or one of the hub formats
+        assert task.source.schema in ("facts", "nq_open", "hellaswag", "gsm8k", "simpleqa"), task.name

@@ -3,6 +3,7 @@
 import pytest
 
 from smft_dist.distributed.env import LaunchError, detect_env
+from tests.multiproc import run_ranks
 
 
 def test_torchrun_environment():
@@ -76,3 +77,21 @@ def test_init_distributed_single_process_exports_the_launch_variables(monkeypatc
             dist.destroy_process_group()
         os.environ.clear()
         os.environ.update(saved)
+
+
+def _sigterm_then_ask(rank: int, world: int) -> list[bool]:
+    import os
+    import signal
+
+    from smft_dist.distributed.preemption import PreemptionHandler
+
+    handler = PreemptionHandler()
+    before = handler.requested()
+    if rank == 0:
+        os.kill(os.getpid(), signal.SIGTERM)  # the process lives on: the signal only asks for a stop
+    return [before, handler.requested()]
+
+
+@pytest.mark.multirank
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step():
+    assert run_ranks(_sigterm_then_ask, 2) == [[False, True], [False, True]]

@@ -196,7 +196,7 @@ def test_evaluation_reduces_on_the_model_device(tok_dir, monkeypatch, device):
     qa, choice = datasets.Dataset.from_list(QA), datasets.Dataset.from_list(CHOICES)
     answering, favor = _answering_model(tok, "Rome").to(device), Favor(len(tok), _ids(tok, " north")).to(device)
     evaluate_qa(answering, tok, qa, prompt=PROMPT, batch_size=2, max_new_tokens=4)
-    evaluate_qa(answering, tok, qa, prompt=PROMPT, batch_size=2, max_new_tokens=4, shard=False)  # lockstep
+    evaluate_qa(answering, tok, qa, prompt=PROMPT, batch_size=2, max_new_tokens=4, lockstep=True)
     evaluate_choice(favor, tok, choice, batch_size=4)
     evaluate_nll(favor, rows, batch_size=2)
     assert len(seen) >= 4 and set(seen) == {torch.device(device, 0) if device == "cuda" else torch.device(device)}
@@ -220,3 +220,85 @@ def test_run_eval_runs_every_task_and_restores_train_mode(tok_dir, tmp_path):
     results = run_eval(model, tok, cfg, cache_dir=str(tmp_path / "cache"))
     assert model.training  # restored
     assert results["nq/em"] == pytest.approx(2 / 3) and set(results) == {"nq/em", "nq/f1", "nq/count", "held/nll", "held/ppl", "held/tokens"}
+
+
+def _tiny_lm(vocab: int):
+    from tests.distributed_helpers import tiny_job
+
+    job = tiny_job("pretrain")
+    job.model.vocab_size, job.model.max_seq_len = vocab, 128
+    return job
+
+
+class _NoCache(nn.Module):
+    """The same model seen as a plain callable: generation re-reads the prefix every step."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.inner(input_ids, attention_mask)
+
+
+def test_kv_cache_decoding_equals_rereading_the_prefix(tok_dir):
+    from smft_dist.model.transformer import KVCache, Transformer
+
+    tok = load_tokenizer(tok_dir)
+    torch.manual_seed(0)
+    model = Transformer(_tiny_lm(320).model).eval()
+    ids = torch.randint(3, 300, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 5:], mask[2, 7:] = 0, 0  # right padding
+    with torch.no_grad():
+        full = model(ids, mask)
+        cache = KVCache()
+        parts = [model(ids[:, :4], mask[:, :4], cache=cache)] + [model(ids[:, j : j + 1], mask[:, j : j + 1], cache=cache) for j in range(4, 9)]
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(parts, 1)[real], full[real])
+
+    prompts = [PROMPT.format(question=r["question"]) for r in QA]  # different lengths, right-padded
+    cached = greedy_generate(model, tok, prompts, max_new_tokens=10, stop="never")
+    assert cached == greedy_generate(_NoCache(model), tok, prompts, max_new_tokens=10, stop="never")
+    assert all(len(encode(tok, [c], bos=False, eos=False)[0]) >= 5 for c in cached)  # long enough to mean something
+
+
+def _sharded_eval(rank: int, world: int, tok_dir: str) -> dict:
+    from tests.distributed_helpers import build
+
+    tok = load_tokenizer(tok_dir)
+    _, par = build(_tiny_lm(320))
+    model, seen = par.model.eval(), []
+    forward = model.forward
+    model.forward = lambda input_ids, attention_mask, cache=None: (
+        seen.append(int(attention_mask.any(1).sum()) if input_ids.shape[1] > 1 else 0) or forward(input_ids, attention_mask, cache))
+    res = _tiny_lm_results(model, tok, lockstep=world > 1)
+    return {"results": res, "forwards": len(seen), "rows": sum(seen)}  # rows: examples read (not decode steps)
+
+
+def _tiny_lm_results(model, tok, lockstep: bool) -> dict:
+    qa = datasets.Dataset.from_list(QA + QA[:2])  # 5 records: uneven shards
+    choice = datasets.Dataset.from_list(CHOICES * 2 + CHOICES[:1])
+    rows = tokenize_text(datasets.Dataset.from_dict({"text": TEXTS * 3}), tok, 8, packed=True)
+    results = {
+        "qa": evaluate_qa(model, tok, qa, prompt=PROMPT, batch_size=2, max_new_tokens=4, lockstep=lockstep),
+        "choice": evaluate_choice(model, tok, choice, batch_size=4, lockstep=lockstep),
+        "nll": evaluate_nll(model, rows, batch_size=2, lockstep=lockstep),
+    }
+    return {f"{task}/{k}": v for task, res in results.items() for k, v in res.items()}
+
+
+@pytest.mark.multirank
+def test_row_sharded_eval_splits_examples_in_lockstep(tok_dir):
+    from smft_dist.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    single = _tiny_lm_results(Transformer(_tiny_lm(320).model).eval(), load_tokenizer(tok_dir), lockstep=False)
+    one, *_ = run_ranks(_sharded_eval, 1, tok_dir)
+    two = run_ranks(_sharded_eval, 2, tok_dir)
+    for ranked in (one, *two):
+        assert ranked["results"].keys() == single.keys()
+        for k, v in single.items():
+            assert ranked["results"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    assert two[0]["forwards"] == two[1]["forwards"] < one["forwards"], "ranks ran different numbers of forwards"
+    assert two[0]["rows"] + two[1]["rows"] == one["rows"], "each example is evaluated on one rank only"

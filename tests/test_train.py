@@ -46,6 +46,25 @@ def _train(rank: int, world_size: int, cfg: JobConfig) -> dict:
     return train(cfg)
 
 
+def _train_signalled(rank: int, world_size: int, cfg: JobConfig, signalled_rank: int, at_step: int) -> dict:
+    """The real loop; ``signalled_rank`` gets SIGUSR1 in the middle of step ``at_step`` (the other rank never does)."""
+    import os
+    import signal
+
+    import smft_dist.train as train_module
+
+    step, calls = train_module.train_step, []
+
+    def step_then_signal(*args, **kwargs):
+        calls.append(1)
+        if rank == signalled_rank and len(calls) == at_step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return step(*args, **kwargs)
+
+    train_module.train_step = step_then_signal
+    return train_module.train(cfg)
+
+
 def _background(rank: int, world_size: int, cfg: JobConfig, out: str) -> int:
     from smft_dist.background import collect
 
@@ -60,7 +79,7 @@ def _exported(out) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.multirank
-def test_two_ranks_equal_one_rank_and_resume_equals_uninterrupted(world, tmp_path):
+def test_two_ranks_equal_one_rank_and_signal_checkpoint_resume_equals_uninterrupted(world, tmp_path):
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
     [m1] = run_ranks(_train, 1, _job(world, one))
     m2 = run_ranks(_train, 2, _job(world, two))
@@ -70,9 +89,11 @@ def test_two_ranks_equal_one_rank_and_resume_equals_uninterrupted(world, tmp_pat
     for name in a:  # AdamW turns fp32 reduction-order noise in near-zero gradients into ~1e-6 moves
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
 
-    # stop after 2 steps (a checkpoint), then a new process resumes to step 4
-    run_ranks(_train, 2, _job(world, resumed, "train.steps=2", "train.export_hf=false"))
+    # rank 1 alone gets SLURM's warning signal during step 2: both ranks checkpoint step 2 and leave
+    # without exporting; the requeued job resumes to step 4
+    run_ranks(_train_signalled, 2, _job(world, resumed), 1, 2)
     assert (resumed / "ckpt" / "latest").read_text() == "step_00000002"
+    assert not (resumed / "hf").exists()
     run_ranks(_train, 2, _job(world, resumed))
     c = _exported(resumed)
     for name in a:
@@ -157,3 +178,4 @@ def test_bad_input_is_one_line_naming_it(world, tmp_path):
     missing = ["method.top_t=5", f"data.tokenizer={world}/tokenizer", f"method.background={tmp_path}/nope.safetensors"]
     with pytest.raises(SystemExit, match=r"nope.safetensors: not found"):
         main(["--config", str(bad), *missing])
+

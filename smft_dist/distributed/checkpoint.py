@@ -25,6 +25,7 @@ metadata goes through an allow-listed unpickler and DeepSpeed files through ``we
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -379,22 +380,89 @@ def refuse_nonfinite(par: Parallel, what: str, root: str | Path | None = None) -
 
 
 # ------------------------------------------------------------------------------------ HF export
-def export_hf(par: Parallel, model_cfg: ModelConfig, out_dir: str | Path) -> Path:
+EXPORT_CHUNK_BYTES = 64 << 20  # rows in flight to the writing rank at a time
+
+
+def export_hf(par: Parallel, model_cfg: ModelConfig, out_dir: str | Path, chunk_bytes: int = EXPORT_CHUNK_BYTES) -> Path:
     """Write one consolidated model (all ranks call; rank 0 writes) that ``from_pretrained`` loads.
     LoRA adapters are merged into the exported weights.
 
-    Keys equal ``Transformer.state_dict()`` with local value tables; fp32.
+    Keys equal ``Transformer.state_dict()`` with local value tables; fp32. Table rows reach rank 0
+    ``chunk_bytes`` at a time and go straight to the file, so no rank holds a whole table.
     """
-    from smft_dist.model.hf import SMFTConfig, SMFTForCausalLM
+    from smft_dist.model.hf import SMFTConfig
+    from smft_dist.model.saved import PREFIX, WEIGHTS, table_key
 
     out_dir = Path(out_dir)
     refuse_nonfinite(par, f"export to {out_dir}")
-    state = {k: v.float().cpu() for k, v in merged_state_dict(par.model).items()}
-    for name, table in par.tables.items():
-        state[f"value_tables.{name}.bag.weight"] = table.full_weight().float().cpu()  # collective
-    if dist.get_rank() == 0:
-        hf = SMFTForCausalLM(SMFTConfig(model=to_dict(model_cfg)))
-        hf.model.load_state_dict(state, strict=True)
-        hf.save_pretrained(out_dir, safe_serialization=True)
+    main = dist.get_rank() == 0
+    dense = {PREFIX + k: v.float().cpu() for k, v in merged_state_dict(par.model).items()}
+    if model_cfg.tie_embeddings:  # stored once, as save_pretrained does; loading ties it again
+        dense.pop(PREFIX + "output.weight")
+    shapes = {k: tuple(v.shape) for k, v in dense.items()}
+    shapes.update({table_key(name): (t.num_rows, t.dim) for name, t in par.tables.items()})
+    writer = None
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        SMFTConfig(model=to_dict(model_cfg), architectures=["SMFTForCausalLM"]).save_pretrained(out_dir)
+        writer = _SafetensorsWriter(out_dir / WEIGHTS, shapes)
+        for v in dense.values():
+            writer.write(v)
+    del dense
+    for table in par.tables.values():
+        for rows in _rows_to_rank0(table, max(1, chunk_bytes // (4 * table.dim))):
+            writer.write(rows.float().cpu())
+    if main:
+        writer.close()
     dist.barrier()
     return out_dir
+
+
+def _rows_to_rank0(table, chunk_rows: int):
+    """Yield (on rank 0 of the table's group) the table's rows in order, ``chunk_rows`` at a time;
+    the other ranks send theirs. Every rank of the group must exhaust the generator."""
+    group, local = table.group, table.local_weight().detach()
+    rank = dist.get_rank(group)
+    if table.placement == "data_parallel" or dist.get_world_size(group) == 1:  # rank 0 holds every row
+        owners = [(0, table.num_rows)]
+    else:
+        owners = list(enumerate(table.row_counts))
+    for owner, count in owners:
+        if rank not in (0, owner):
+            continue
+        for lo in range(0, count, chunk_rows):
+            hi = min(count, lo + chunk_rows)
+            if owner == rank == 0:
+                yield local[lo:hi]
+            elif rank == 0:
+                buf = local.new_empty(hi - lo, table.dim)
+                dist.recv(buf, group=group, group_src=owner)
+                yield buf
+            else:
+                dist.send(local[lo:hi].contiguous(), group=group, group_dst=0)
+
+
+class _SafetensorsWriter:
+    """A safetensors file written tensor by tensor and row block by row block: the header (every
+    name, fp32 shape and offset) first, then the data in the header's order."""
+
+    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]]):
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape in shapes.items():
+            size = 4 * math.prod(shape)
+            header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self.path, self.expected, self.written = path, offset, 0
+        self.file = open(path, "wb")
+        self.file.write(len(raw).to_bytes(8, "little") + raw)
+
+    def write(self, t: torch.Tensor) -> None:
+        self.file.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+        self.written += 4 * t.numel()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.written != self.expected:
+            raise RuntimeError(f"{self.path}: wrote {self.written} bytes of tensor data, header says {self.expected}")

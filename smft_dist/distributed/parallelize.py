@@ -12,6 +12,7 @@ from smft_dist.config import JobConfig
 from smft_dist.distributed.dense import build_dense_engine, dense_dtype, set_dense_lr
 from smft_dist.distributed.nonfinite import check_loss
 from smft_dist.distributed.sharding import ShardedValueTable, check_row_optimizer, value_optimizer
+from smft_dist.model.saved import saved_value_rows
 from smft_dist.model.transformer import Transformer, lm_loss, value_table_names
 from smft_dist.model.value_table import SeededRows
 from smft_dist.smft.methods import MethodPlan
@@ -55,8 +56,9 @@ def shard_value_tables(
     """Replace the model's local value tables by TorchRec ones (unregistered: DeepSpeed never sees them).
 
     Rows come from the local tables (identical on every rank) or, for a model built without them
-    (``Transformer(cfg, build_value_tables=False)``), from :class:`SeededRows` of ``train.seed``,
-    each rank generating only its own shard. The rows' optimizer and lr come from
+    (``Transformer(cfg, build_value_tables=False)``), from the model saved at ``train.init_from``
+    (:class:`SavedRows`) or else :class:`SeededRows` of ``train.seed``: each rank reads or generates
+    only its own shard. The rows' optimizer and lr come from
     :func:`~smft_dist.distributed.sharding.value_optimizer`. Frozen values (``values_train`` False)
     keep lr 0: rows stay bit-identical while scores still get gradients. ``deferred_rows``: rows
     update only in :meth:`Parallel.step_values` (sparse memory finetuning).
@@ -68,7 +70,12 @@ def shard_value_tables(
     tables = {}
     for i, name in enumerate(names):
         local = model.value_tables[name] if name in model.value_tables else None
-        init = local.full_weight() if local is not None else SeededRows(slots, dim, cfg.train.seed * 1009 + i)
+        if local is not None:
+            init = local.full_weight()
+        elif cfg.train.init_from:
+            init = saved_value_rows(cfg.train.init_from, name)
+        else:
+            init = SeededRows(slots, dim, cfg.train.seed * 1009 + i)
         tables[name] = ShardedValueTable(
             name, init, optim, lr, cfg.distributed.table_placement, device, group, deferred_rows=deferred_rows
         )

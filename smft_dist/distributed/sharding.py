@@ -42,7 +42,7 @@ from torchrec.distributed.types import ShardingEnv, ShardingType
 from smft_dist.config import ConfigError, JobConfig, SparseOptimConfig
 from smft_dist.distributed import torchrec_guards
 from smft_dist.distributed.weighted_dist import sharded_weights
-from smft_dist.model.value_table import SeededRows, ValueTable, bag_entries
+from smft_dist.model.value_table import SavedRows, SeededRows, ValueTable, bag_entries
 
 FEATURES = ("all",)
 
@@ -53,6 +53,7 @@ _OPTIMIZERS = {
     "partial_rowwise_adam": EmbOptimType.PARTIAL_ROWWISE_ADAM,
 }
 _CUDA_ONLY = {"adam", "partial_rowwise_adam"}
+INIT_CHUNK_ROWS = 65536  # initial rows copied into the shard at a time (SeededRows' block size)
 
 
 def value_optimizer(cfg: JobConfig) -> tuple[SparseOptimConfig, float]:
@@ -136,7 +137,8 @@ class ShardedValueTable(ValueTable):
     """A :class:`ValueTable` backed by a sharded TorchRec EBC (row-wise or replicated).
 
     ``init`` is the whole table ([num_rows, dim], the same on every rank; only this rank's rows are
-    kept) or :class:`~smft_dist.model.value_table.SeededRows`, which generates this rank's rows only.
+    kept) or a row source that makes this rank's rows only: :class:`~smft_dist.model.value_table.SeededRows`
+    (generated) or :class:`~smft_dist.model.value_table.SavedRows` (read from a saved model).
     ``deferred_rows``: rows update only in :meth:`step_rows` (see the module docstring).
     Per-sample weights get gradients under ROW_WISE too (:mod:`smft_dist.distributed.weighted_dist`).
     ``optim``/``lr``: the rows' optimizer (:func:`value_optimizer`); a torch optimizer (``adamw``, or
@@ -146,7 +148,7 @@ class ShardedValueTable(ValueTable):
     def __init__(
         self,
         name: str,
-        init: torch.Tensor | SeededRows,
+        init: torch.Tensor | SeededRows | SavedRows,
         optim: SparseOptimConfig,
         lr: float,
         placement: str = "row_wise",
@@ -183,10 +185,14 @@ class ShardedValueTable(ValueTable):
         self.row_offsets = [s.shard_offsets[0] for s in shards] if shards else [0]
         self.row_counts = [s.shard_sizes[0] for s in shards] if shards else [self.num_rows]
         self.register_buffer("shard_starts", torch.tensor(self.row_offsets[1:], device=device), persistent=False)
-        with torch.no_grad():
+        with torch.no_grad():  # this rank's rows in blocks aligned to INIT_CHUNK_ROWS: no shard-sized copy
+            local = self.local_weight()
             lo = self.row_offsets[dist.get_rank(self.group)] if shards else 0
-            hi = lo + self.local_weight().shape[0]
-            self.local_weight().copy_(init[lo:hi] if isinstance(init, torch.Tensor) else init.rows(lo, hi))
+            hi = lo + local.shape[0]
+            bounds = [lo, *range((lo // INIT_CHUNK_ROWS + 1) * INIT_CHUNK_ROWS, hi, INIT_CHUNK_ROWS), hi]
+            for a, b in zip(bounds, bounds[1:]):
+                if a < b:
+                    local[a - lo : b - lo].copy_(init[a:b] if isinstance(init, torch.Tensor) else init.rows(a, b))
         self.row_optimizer = None if fused else _row_optimizer(optim, lr, dict(self.ebc.named_parameters())[self.weight_key])
         self._sharded_state = self._shard_optimizer_state() if self.row_optimizer and shards else {}
         torchrec_guards.check_gradient_division()

@@ -3,11 +3,12 @@ log-likelihood accuracy, NLL and perplexity.
 
 ``model`` is any HF-style causal LM callable: ``model(input_ids=, attention_mask=)`` returning an
 object with ``.logits`` [B, S, V] (or the logits tensor). Sequences are right-padded, so a causal
-model needs no position handling. Under ``torch.distributed`` each rank evaluates examples
-``rank::world`` and the sums are all-reduced, so every rank returns the same numbers, equal to a
-single-process run. With ``shard=False`` every rank evaluates everything in lockstep instead: a
-model whose forward is itself collective (row-sharded value tables) needs every rank to run the
-same forwards with the same shapes.
+model needs no position handling; greedy generation of the smft :class:`Transformer` reads through
+a KV cache. Under ``torch.distributed`` each rank evaluates examples ``rank::world`` and the sums
+are all-reduced, so every rank returns the same numbers, equal to a single-process run. With
+``lockstep`` (a model whose forward is itself collective: row-sharded value tables) every rank also
+runs the same number of forwards with the same shapes: batches are padded to ``batch_size`` rows
+and to the widest rank's width with rows that read and score nothing.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ from smft_dist.data.packing import IGNORE, collate, collate_rows, encode, pad_ro
 from smft_dist.data.schemas import DataError
 from smft_dist.data.sources import load_records
 from smft_dist.eval.metrics import exact_match, token_f1
+from smft_dist.model.transformer import KVCache, Transformer
 
 Model = Callable[..., object]
 
 
-def _rank_world(shard: bool = True) -> tuple[int, int]:
-    """This process's (rank, world) for splitting examples; (0, 1) when not sharding."""
-    if shard and dist.is_available() and dist.is_initialized():
+def _rank_world() -> tuple[int, int]:
+    """This process's (rank, world) for splitting examples; (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
@@ -51,13 +53,43 @@ def _all_ranks_true(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def all_reduce_sums(values: Sequence[float], device: torch.device, shard: bool = True) -> list[float]:
+def all_reduce_sums(values: Sequence[float], device: torch.device) -> list[float]:
     """Sum ``values`` over ranks in fp64 on ``device`` (the model's: NCCL reduces CUDA tensors only);
-    the identity without a process group or when not sharding."""
+    the identity without a process group."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if shard and _group_up():
+    if _group_up():
         dist.all_reduce(t)
     return t.tolist()
+
+
+def _max_over_ranks(values: Sequence[int], device: torch.device, lockstep: bool) -> list[int]:
+    """Element-wise max over ranks in ``lockstep`` (shapes every rank must share), else ``values``."""
+    if not lockstep or _rank_world()[1] == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _lockstep_batch(batch: dict[str, torch.Tensor] | None, batch_size: int, device: torch.device, lockstep: bool):
+    """In ``lockstep``: ``batch`` (None: this rank has run out of rows) right-padded to ``batch_size``
+    rows and the widest rank's width with padding that reads and scores nothing; else ``batch``."""
+    if not lockstep:
+        return batch
+    width = _max_over_ranks([batch["input_ids"].shape[1] if batch else 1], device, lockstep)[0]
+    out = {}
+    for key, fill in (("input_ids", 0), ("attention_mask", 0), ("labels", IGNORE)):
+        t = torch.full((batch_size, width), fill, dtype=torch.long)
+        if batch:
+            t[: batch[key].shape[0], : batch[key].shape[1]] = batch[key]
+        out[key] = t
+    return out
+
+
+def _batch_starts(num_rows: int, batch_size: int, device: torch.device, lockstep: bool) -> range:
+    """Offsets of this rank's batches; in ``lockstep`` as many as the rank with the most rows needs."""
+    n = _max_over_ranks([-(-num_rows // batch_size)], device, lockstep)[0]
+    return range(0, n * batch_size, batch_size)
 
 
 def _device(model: Model) -> torch.device:
@@ -87,29 +119,55 @@ def _pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str
     return collate_rows([pad_row(ids, width, pad_id, labels) for ids, labels in rows])
 
 
+def _cached_transformer(model: Model) -> Transformer | None:
+    """The smft Transformer inside ``model`` (itself or an HF wrapper's ``.model``): it decodes with a KV cache."""
+    base = model if isinstance(model, Transformer) else getattr(model, "model", None)
+    return base if isinstance(base, Transformer) else None
+
+
 @torch.no_grad()
 def greedy_generate(
     model: Model, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: int, stop: str = "\n",
-    lockstep: bool = False,
+    lockstep: bool = False, rows: int | None = None,
 ) -> list[str]:
     """Greedy continuations of ``prompts``, each cut at eos or at the first ``stop`` string.
-    ``lockstep``: stop early only when every rank is done (collective forwards)."""
+
+    The smft Transformer reads the prompts once and then one token per step through a KV cache;
+    other models re-read the prefix every step. ``lockstep`` (collective forwards; the smft
+    Transformer only): every rank runs ``rows`` rows (padded with empty ones) of the widest rank's
+    prompt width, and stops only when every rank is done.
+    """
     device = _device(model)
-    seqs = encode(tokenizer, prompts, eos=False)
+    seqs = encode(tokenizer, prompts, eos=False) if prompts else []
+    real = len(seqs)
+    cached = _cached_transformer(model)
+    if lockstep:
+        if cached is None:
+            raise ValueError("greedy_generate: lockstep decoding needs the smft Transformer (KV cache)")
+        seqs += [[] for _ in range((rows or real) - real)]  # empty rows: all padding, done from the start
     lengths = [len(s) for s in seqs]
-    width = max(lengths) + max_new_tokens
-    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+    width = _max_over_ranks([max(lengths, default=1)], device, lockstep)[0]
+    ids = torch.full((len(seqs), width + max_new_tokens), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
     new: list[list[int]] = [[] for _ in seqs]
-    done = [False] * len(seqs)
-    for _ in range(max_new_tokens):
-        cur = max(lengths)
-        logits = logits_of(model, ids[:, :cur].to(device), mask[:, :cur].to(device))
-        nxt = logits[torch.arange(len(seqs)), torch.tensor(lengths) - 1].argmax(-1).tolist()
-        for i, tok in enumerate(nxt):
+    done = [i >= real for i in range(len(seqs))]
+    cache = KVCache() if cached is not None else None
+    for step in range(max_new_tokens):
+        if cache is None:
+            cur = max(lengths)
+            logits = logits_of(model, ids[:, :cur].to(device), mask[:, :cur].to(device))
+            last = logits[torch.arange(len(seqs)), torch.tensor(lengths) - 1]
+        elif step == 0:  # the prompts, right-padded
+            logits = cached(ids[:, :width].to(device), mask[:, :width].to(device), cache=cache)
+            last = logits[torch.arange(len(seqs)), torch.tensor(lengths) - 1]
+        else:  # each row's latest token; finished rows feed padding
+            live = torch.tensor([[not d] for d in done])
+            fed = torch.tensor([[new[i][-1] if not d else tokenizer.pad_token_id] for i, d in enumerate(done)])
+            last = cached(fed.to(device), live.long().to(device), cache=cache)[:, 0]
+        for i, tok in enumerate(last.argmax(-1).tolist()):
             if done[i]:
                 continue
             if tok == tokenizer.eos_token_id:
@@ -121,36 +179,36 @@ def greedy_generate(
             done[i] = stop in tokenizer.decode(new[i])
         if (_all_ranks_true(all(done), device) if lockstep else all(done)):
             break
-    return [tokenizer.decode(n, skip_special_tokens=True).split(stop)[0].strip() for n in new]
+    return [tokenizer.decode(n, skip_special_tokens=True).split(stop)[0].strip() for n in new[:real]]
 
 
 def evaluate_qa(
     model: Model, tokenizer: PreTrainedTokenizerBase, records: datasets.Dataset, *, prompt: str, batch_size: int,
-    max_new_tokens: int, shard: bool = True,
+    max_new_tokens: int, lockstep: bool = False,
 ) -> dict[str, float]:
     """Exact match and token F1 (max over gold answers) of greedy answers to ``qa`` records."""
-    rank, world = _rank_world(shard)
+    rank, world = _rank_world()
     part = records.select(range(rank, len(records), world))
     em = f1 = 0.0
-    for start in range(0, len(part), batch_size):
+    for start in _batch_starts(len(part), batch_size, _device(model), lockstep):
         chunk = part[start : start + batch_size]
         prompts = [prompt.format(question=q) for q in chunk["question"]]
-        preds = greedy_generate(model, tokenizer, prompts, max_new_tokens, lockstep=not shard)
+        preds = greedy_generate(model, tokenizer, prompts, max_new_tokens, lockstep=lockstep, rows=batch_size)
         for pred, answers in zip(preds, chunk["answers"]):
             em += exact_match(pred, answers)
             f1 += token_f1(pred, answers)
-    em, f1, n = all_reduce_sums([em, f1, len(part)], _device(model), shard)
+    em, f1, n = all_reduce_sums([em, f1, len(part)], _device(model))
     return {"em": em / max(n, 1), "f1": f1 / max(n, 1), "count": n}
 
 
 @torch.no_grad()
 def evaluate_choice(
     model: Model, tokenizer: PreTrainedTokenizerBase, records: datasets.Dataset, *, batch_size: int, norm: str = "chars",
-    shard: bool = True,
+    lockstep: bool = False,
 ) -> dict[str, float]:
     """Accuracy of picking the ending with the highest log-likelihood given the context,
     normalized by the ending's characters (``chars``, HellaSwag acc_norm), tokens, or ``none``."""
-    rank, world = _rank_world(shard)
+    rank, world = _rank_world()
     part = records.select(range(rank, len(records), world))
     rows, owners, lengths = [], [], []
     for ex, (context, endings, label) in enumerate(zip(part["context"], part["endings"], part["label"])):
@@ -162,26 +220,32 @@ def evaluate_choice(
             owners.append(ex)
             lengths.append({"chars": len(ending), "tokens": len(end_ids), "none": 1}[norm])
     scores: list[list[float]] = [[] for _ in range(len(part))]
-    for start in range(0, len(rows), batch_size):
-        logprob, _ = sequence_logprobs(model, _pad_batch(rows[start : start + batch_size], tokenizer.pad_token_id))
-        for i, lp in enumerate(logprob.tolist(), start):
+    device = _device(model)
+    for start in _batch_starts(len(rows), batch_size, device, lockstep):
+        chunk = rows[start : start + batch_size]
+        batch = _lockstep_batch(_pad_batch(chunk, tokenizer.pad_token_id) if chunk else None, batch_size, device, lockstep)
+        logprob, _ = sequence_logprobs(model, batch)
+        for i, lp in enumerate(logprob.tolist()[: len(chunk)], start):
             scores[owners[i]].append(lp / max(lengths[i], 1))
     correct = sum(max(range(len(s)), key=s.__getitem__) == label for s, label in zip(scores, part["label"]))
-    correct, n = all_reduce_sums([correct, len(part)], _device(model), shard)
+    correct, n = all_reduce_sums([correct, len(part)], _device(model))
     return {"acc": correct / max(n, 1), "count": n}
 
 
 @torch.no_grad()
-def evaluate_nll(model: Model, rows: datasets.Dataset, *, batch_size: int, shard: bool = True) -> dict[str, float]:
+def evaluate_nll(model: Model, rows: datasets.Dataset, *, batch_size: int, lockstep: bool = False) -> dict[str, float]:
     """Mean NLL per scored token (nats) and perplexity over tokenized rows (input_ids, attention_mask, labels)."""
-    rank, world = _rank_world(shard)
+    rank, world = _rank_world()
     part = rows.select(range(rank, len(rows), world))
     total = tokens = 0.0
-    for start in range(0, len(part), batch_size):
-        logprob, count = sequence_logprobs(model, collate(part[start : start + batch_size]))
+    device = _device(model)
+    for start in _batch_starts(len(part), batch_size, device, lockstep):
+        chunk = part[start : start + batch_size]
+        batch = _lockstep_batch(collate(chunk) if chunk["input_ids"] else None, batch_size, device, lockstep)
+        logprob, count = sequence_logprobs(model, batch)
         total -= logprob.sum().item()
         tokens += count.sum().item()
-    total, tokens = all_reduce_sums([total, tokens], _device(model), shard)
+    total, tokens = all_reduce_sums([total, tokens], _device(model))
     nll = total / max(tokens, 1)
     return {"nll": nll, "ppl": math.exp(min(nll, 700.0)), "tokens": tokens}
 
@@ -192,7 +256,7 @@ def _materialize(ds) -> datasets.Dataset:
 
 def run_task(
     model: Model, tokenizer: PreTrainedTokenizerBase, task: EvalTaskConfig, cfg: EvalConfig, cache_dir: str | None = None,
-    shard: bool = True,
+    lockstep: bool = False,
 ) -> dict[str, float]:
     """One evaluation task; its metrics by name."""
     src = task.source
@@ -201,27 +265,27 @@ def run_task(
     if task.kind == "qa":
         records = _materialize(load_records(src, "qa", cache_dir))
         return evaluate_qa(model, tokenizer, records, prompt=cfg.qa_prompt, batch_size=cfg.batch_size,
-                           max_new_tokens=cfg.max_new_tokens, shard=shard)
+                           max_new_tokens=cfg.max_new_tokens, lockstep=lockstep)
     if task.kind == "choice":
         return evaluate_choice(model, tokenizer, _materialize(load_records(src, "choice", cache_dir)), batch_size=cfg.batch_size,
-                               norm=cfg.choice_norm, shard=shard)
+                               norm=cfg.choice_norm, lockstep=lockstep)
     if src.schema in ("lm_pair", "gsm8k"):
         rows = tokenize_pairs(_materialize(load_records(src, "lm_pair", cache_dir)), tokenizer, task.seq_len)
     else:
         rows = tokenize_text(_materialize(load_records(src, "text", cache_dir)), tokenizer, task.seq_len, packed=True)
-    return evaluate_nll(model, rows, batch_size=cfg.batch_size, shard=shard)
+    return evaluate_nll(model, rows, batch_size=cfg.batch_size, lockstep=lockstep)
 
 
 def run_eval(
-    model: Model, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig, cache_dir: str | None = None, shard: bool = True
+    model: Model, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig, cache_dir: str | None = None, lockstep: bool = False
 ) -> dict[str, float]:
     """Every task of ``cfg``, results keyed ``task/metric``; the model is in eval mode meanwhile.
-    ``shard=False``: every rank evaluates every example in lockstep (collective forwards)."""
+    ``lockstep``: the model's forward is collective, so every rank runs equal-shaped batches."""
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
     try:
-        return {f"{task.name}/{k}": v for task in cfg.tasks for k, v in run_task(model, tokenizer, task, cfg, cache_dir, shard).items()}
+        return {f"{task.name}/{k}": v for task in cfg.tasks for k, v in run_task(model, tokenizer, task, cfg, cache_dir, lockstep).items()}
     finally:
         if was_training:
             model.train()

@@ -39,9 +39,42 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+class KVCache:
+    """Every attention layer's keys and values of the tokens fed so far (incremental decoding).
+
+    Slots keep the order tokens were fed, padding included: ``mask`` [B, L] marks the real tokens and
+    ``seen`` [B] counts them per row, so a new token's position is its row's count of real tokens
+    before it, whatever padding sits in between (right-padded prompts). Memory layers keep no cache.
+    """
+
+    def __init__(self):
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.mask: torch.Tensor | None = None
+        self.seen: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def extend(self, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the mask of S new tokens; returns (real tokens before them [B], the mask of all [B, L+S])."""
+        before = valid.new_zeros(valid.shape[0], dtype=torch.long) if self.seen is None else self.seen
+        self.mask = valid if self.mask is None else torch.cat([self.mask, valid], 1)
+        self.seen = before + valid.sum(1)
+        return before, self.mask
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append layer ``layer``'s new keys/values [B, H, S, hd]; returns all of them."""
+        if layer in self.layers:
+            k, v = (torch.cat([old, new], 2) for old, new in zip(self.layers[layer], (k, v)))
+        self.layers[layer] = (k, v)
+        return k, v
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_id: int = 0):
         super().__init__()
+        self.layer_id = layer_id
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.kv_heads
         self.head_dim = cfg.dim // cfg.n_heads
         bias = cfg.attention_bias
@@ -50,12 +83,14 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask):
+    def forward(self, x, cos, sin, attn_mask, cache: KVCache | None = None):
         B, S, _ = x.shape
         q = self.wq(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=self.n_kv_heads != self.n_heads
         )
@@ -81,7 +116,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, table_name: str | None):
         super().__init__()
         self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg, layer_id)
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         replace = table_name is not None and cfg.memory.placement == "replace"
         self.ffn = MemoryLayer(cfg.dim, cfg.memory, table_name) if replace else SwiGLU(cfg.dim, cfg.hidden_dim)
@@ -92,8 +127,8 @@ class Block(nn.Module):
         """This block's memory layer (in place of the FFN or beside it), or None."""
         return self.ffn if isinstance(self.ffn, MemoryLayer) else self.memory
 
-    def forward(self, x, cos, sin, attn_mask, valid):
-        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask)
+    def forward(self, x, cos, sin, attn_mask, valid, cache=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache)
         h = self.ffn_norm(x)
         out = self.ffn(h, valid)
         if self.memory is not None:
@@ -156,23 +191,33 @@ class Transformer(nn.Module):
         """Named parameters outside the value tables."""
         return ((n, p) for n, p in self.named_parameters() if not n.startswith("value_tables."))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """Logits of ``input_ids`` [B, S] (``attention_mask``: 0 = padding). With ``cache`` the tokens
+        follow the ones already in it (their keys/values are appended), as in greedy decoding."""
         B, S = input_ids.shape
-        if S > self.cfg.max_seq_len:
-            raise ConfigError(f"model.max_seq_len: a sequence of {S} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        if attention_mask is None or bool(attention_mask.all()):
+        length = S + (cache.length if cache is not None else 0)
+        if length > self.cfg.max_seq_len:
+            raise ConfigError(f"model.max_seq_len: a sequence of {length} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        device = input_ids.device
+        if cache is None and (attention_mask is None or bool(attention_mask.all())):
             valid, attn_mask = None, None
-            positions = torch.arange(S, device=input_ids.device).expand(B, S)
+            positions = torch.arange(S, device=device).expand(B, S)
         else:
-            valid = attention_mask.bool()
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            causal = torch.ones(S, S, dtype=torch.bool, device=input_ids.device).tril()
-            eye = torch.eye(S, dtype=torch.bool, device=input_ids.device)
-            attn_mask = (causal & (valid[:, None, None, :] | eye))  # padded queries attend to themselves
+            valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+            positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+            keys = valid
+            if cache is not None:
+                before, keys = cache.extend(valid)
+                positions = positions + before[:, None]
+            q = torch.arange(keys.shape[1] - S, keys.shape[1], device=device)[:, None]
+            k = torch.arange(keys.shape[1], device=device)[None, :]
+            attn_mask = (k <= q) & (keys[:, None, None, :] | (k == q))  # padded queries attend to themselves
         cos, sin = rope_cos_sin(positions, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta)
         h = self.tok_embeddings(input_ids)
         for block in self.layers:
-            h = block(h, cos.to(h.dtype), sin.to(h.dtype), attn_mask, valid)
+            h = block(h, cos.to(h.dtype), sin.to(h.dtype), attn_mask, valid, cache)
         return self.output(self.norm(h))
 
 

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 
@@ -129,6 +130,24 @@ class SeededRows:
             block = init_values_(torch.empty(n, self.dim), generator=g)
             parts.append(block[max(lo - start, 0) : min(hi - start, n)])
         return torch.cat(parts) if parts else torch.empty(0, self.dim)
+
+
+@dataclass(frozen=True)
+class SavedRows:
+    """Rows of a value table saved as tensor ``name`` of the safetensors file ``path``.
+
+    Any row range is read from the file (a slice of the memory-mapped tensor), so each rank of a
+    row-sharded table loads its own shard without the whole table ever being in memory.
+    """
+
+    path: str
+    name: str
+    shape: tuple[int, int]
+
+    def rows(self, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) as a float32 [hi - lo, dim] tensor."""
+        with safe_open(self.path, framework="pt") as f:
+            return f.get_slice(self.name)[lo:hi].float()
 
 
 def bag_entries(indices: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,192 @@
+"""Paper-scale memory on CPU: per-rank peak memory against the table shard, SMFT step time against
+the number of slots, and row-wise lookup throughput per rank, all on 2 gloo ranks.
+
+    python -m benchmarks.scale            # N = 2^20 x 1024 (the paper's table), then 2^22 x 256
+    python -m benchmarks.scale --quick    # tiny sizes: checks that every phase runs
+
+Memory: every phase runs in a fresh pair of processes and reports the larger rank's peak resident
+set (``VmHWM``), once at the measured size and once at a tiny table (the baseline: libraries, dense
+model, runtime buffers): ``(peak - baseline) / shard`` is the memory a phase needs per byte of its
+table shard (1.0: the shard alone).
+Phases: pretrain and SMFT steps, ``train.init_from`` of a saved model and the HF export.
+Step time: SMFT (count, rank, split) against memory_ft with the same batch at N = 2^16 .. 2^22,
+and the share of the step spent in the trainable-row selection (slot counting + ranking).
+Lookup: a memory layer's forward + backward, tokens/s per rank on 2 row-wise ranks against one
+process with a local table (reuses ``benchmarks.sharded_lookup``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from benchmarks.common import best_time
+from benchmarks.sharded_lookup import _memory_layer, _sharded_rank
+from smft_dist.config import JobConfig, MemoryConfig, MethodConfig, ModelConfig
+from smft_dist.distributed.env import DistEnv, free_port, init_distributed
+from smft_dist.model import LocalValueTable
+
+TABLE = "mem_values_1"
+SMALL_N_LOG2 = 10  # the memory baseline: every phase at a table too small to matter
+
+
+def _status_kib(field: str) -> int:
+    """A ``/proc/self/status`` size (VmHWM: peak resident set) in KiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _job(args, n_log2: int, v_dim: int, method: str, init_from: str | None = None) -> JobConfig:
+    model = ModelConfig(vocab_size=1024, dim=args.dim, n_layers=2, n_heads=4, max_seq_len=args.seq,
+                        memory=MemoryConfig(layers=[1], n_keys=2 ** (n_log2 // 2), heads=4, topk=32, k_dim=64, v_dim=v_dim))
+    job = JobConfig(model=model, method=MethodConfig(name=method, top_t=args.top_t, value_lr=0.01, dense_lr=1e-4))
+    job.train.init_from = init_from
+    job.validate()
+    return job
+
+
+def _background(num_slots: int):
+    from smft_dist.smft.background import BackgroundStats
+
+    stats = BackgroundStats.empty({TABLE: num_slots})
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        stats.add_batch({TABLE: (torch.rand(num_slots, generator=g) < 0.3).long()})
+    return stats
+
+
+def _batch(args, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 1024, (args.batch, args.seq), generator=torch.Generator().manual_seed(rank))
+    return ids, torch.ones_like(ids)
+
+
+def _phase(rank: int, world: int, port: int, phase: str, args, n_log2: int, v_dim: int, out: str) -> None:
+    """One measurement on this rank; rank results go to ``out``.rank<r>."""
+    from smft_dist.distributed.checkpoint import export_hf
+    from smft_dist.distributed.parallelize import parallelize, train_step
+    from smft_dist.model.transformer import Transformer
+    from smft_dist.smft.methods import apply_method
+    from smft_dist.train import build_model
+
+    torch.set_num_threads(1)
+    _, device = init_distributed("gloo", DistEnv(rank, world, rank, "127.0.0.1", port, "bench"))
+    method = {"pretrain": "pretrain", "smft": "smft", "memory_ft": "memory_ft"}.get(phase, "memory_ft")
+    saved = f"{args.saved}-{n_log2}"  # export writes the model init_from reads, per size
+    job = _job(args, n_log2, v_dim, method, init_from=saved if phase == "init_from" else None)
+    model = build_model(job) if phase == "init_from" else Transformer(job.model, build_value_tables=False)
+    plan = apply_method(model, job.method, _background(job.model.memory.num_slots) if method == "smft" else None)
+    par = parallelize(model, job, plan, device)
+    result = {"shard_kib": par.tables[TABLE].local_weight().numel() * 4 // 1024}
+    ids, mask = _batch(args, rank)
+    if phase in ("pretrain", "smft", "memory_ft"):
+        selecting = [0.0]
+        for layer in par.model.memory_layers():
+            if layer.trainable_selector is not None:
+                layer.trainable_selector = _timed(layer.trainable_selector, selecting)
+        step = lambda: train_step(par, ids, mask, ids)  # noqa: E731
+        step()
+        selecting[0] = 0.0
+        times = []
+        for _ in range(args.repeats):
+            dist.barrier()
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        result.update(step_s=min(times), select_s=selecting[0] / args.repeats, mean_step_s=sum(times) / len(times))
+    elif phase == "export":
+        export_hf(par, job.model, saved)
+    result["peak_kib"] = _status_kib("VmHWM")
+    torch.save(result, f"{out}.rank{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)  # see tests/multiproc.py: skip C++ static destructors after FBGEMM CPU work
+
+
+def _timed(fn, total: list[float]):
+    def timed(*a):
+        t0 = time.perf_counter()
+        out = fn(*a)
+        total[0] += time.perf_counter() - t0
+        return out
+    return timed
+
+
+def run_phase(phase: str, args, n_log2: int, v_dim: int, world: int = 2) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result")
+        mp.spawn(_phase, args=(world, free_port(), phase, args, n_log2, v_dim, out), nprocs=world, join=True)
+        return [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(world)]
+
+
+def memory_table(args, n_log2: int, v_dim: int) -> None:
+    print(f"\npeak memory per rank, N = 2^{n_log2} x v_dim {v_dim} ({2**n_log2 * v_dim * 4 / 2**30:.2f} GiB table), 2 ranks;"
+          f" baseline: the same phase at N = 2^{SMALL_N_LOG2}")
+    print(f"{'phase':<12}{'shard MiB':>11}{'peak MiB':>10}{'baseline MiB':>14}{'(peak-baseline)/shard':>23}")
+    for phase in ("pretrain", "smft", "export", "init_from"):
+        worst = {}
+        for size in (SMALL_N_LOG2, n_log2):
+            worst[size] = max(run_phase(phase, args, size, v_dim), key=lambda r: r["peak_kib"])
+        big, small = worst[n_log2], worst[SMALL_N_LOG2]
+        ratio = (big["peak_kib"] - small["peak_kib"]) / max(big["shard_kib"] - small["shard_kib"], 1)
+        print(f"{phase:<12}{big['shard_kib'] / 1024:>11.1f}{big['peak_kib'] / 1024:>10.1f}"
+              f"{small['peak_kib'] / 1024:>14.1f}{ratio:>23.2f}")
+
+
+def step_table(args, v_dim: int) -> None:
+    tokens = 2 * args.batch * args.seq
+    print(f"\nSMFT step vs memory_ft, same batch ({tokens} tokens over 2 ranks), v_dim {v_dim}, top-t {args.top_t}")
+    print(f"{'N':>6}{'memory_ft s':>13}{'smft s':>9}{'smft/memory_ft':>16}{'selection share':>17}")
+    for n_log2 in args.sweep:
+        base = max(r["step_s"] for r in run_phase("memory_ft", args, n_log2, v_dim))
+        smft = max(run_phase("smft", args, n_log2, v_dim), key=lambda r: r["step_s"])
+        print(f"{'2^' + str(n_log2):>6}{base:>13.4f}{smft['step_s']:>9.4f}{smft['step_s'] / base:>16.3f}"
+              f"{smft['select_s'] / smft['step_s']:>17.1%}")
+
+
+def lookup_table(args) -> None:
+    la = argparse.Namespace(dim=args.lookup_dim, n_keys=2 ** (args.lookup_n_log2 // 2), heads=4, topk=32, k_dim=64,
+                            tokens=args.tokens, repeats=args.repeats)
+    layer, x = _memory_layer(la, lambda n, d: LocalValueTable(n, d))
+    local = la.tokens / best_time(lambda: layer(x).sum().backward(), repeats=la.repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.pt")
+        mp.spawn(_sharded_rank, args=(2, free_port(), la, out), nprocs=2, join=True)
+        per_rank = la.tokens / torch.load(out, weights_only=True)["seconds"]
+    print(f"\nmemory layer fwd+bwd, N = 2^{args.lookup_n_log2} x dim {la.dim}, {la.tokens} tokens per rank")
+    print(f"{'1-rank local tokens/s':>22}{'2-rank row-wise tokens/s per rank':>35}{'ratio':>8}")
+    print(f"{local:>22,.0f}{per_rank:>35,.0f}{per_rank / local:>8.2f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a check that every phase runs)")
+    p.add_argument("--dim", type=int, default=256, help="dense model dim")
+    p.add_argument("--batch", type=int, default=4, help="sequences per rank")
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--top-t", type=int, default=500)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tokens", type=int, default=1024, help="lookup benchmark: tokens per rank")
+    args = p.parse_args()
+    if args.quick:
+        args.dim, args.batch, args.seq, args.repeats, args.top_t = 64, 2, 16, 2, 50
+        memory_sizes, args.sweep, args.lookup_n_log2, args.lookup_dim, sweep_v_dim = [(12, 64)], [10, 12], 12, 64, 64
+    else:
+        memory_sizes, args.sweep, args.lookup_n_log2, args.lookup_dim, sweep_v_dim = [(20, 1024), (22, 256)], [16, 18, 20, 22], 20, 256, 256
+    with tempfile.TemporaryDirectory() as tmp:
+        args.saved = os.path.join(tmp, "hf")
+        for n_log2, v_dim in memory_sizes:
+            memory_table(args, n_log2, v_dim)
+    step_table(args, sweep_v_dim)
+    lookup_table(args)
+
+
+if __name__ == "__main__":
+    main()
