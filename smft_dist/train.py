@@ -25,6 +25,7 @@ from smft_dist.eval import run_eval
 from smft_dist.metrics import MetricLogger
 from smft_dist.model.hf import SMFTForCausalLM
 from smft_dist.model.transformer import Transformer
+from smft_dist.provenance import log_hparams, write_provenance
 from smft_dist.smft.background import BackgroundStats
 from smft_dist.smft.methods import apply_method
 
@@ -90,6 +91,7 @@ def train(cfg: JobConfig) -> dict[str, float]:
         restore_data_state(stream, manifest["trainer"]["data"], env.rank, env.world_size)
     logger = MetricLogger(cfg.train.out_dir, env.is_main)
     if env.is_main:
+        write_provenance(cfg, cfg.train.out_dir, env.world_size)
         print(f"train: {cfg.method.name} on {cfg.train.stream} stream, {env.world_size} rank(s) on {device.type}, "
               f"from step {progress['step']} to {cfg.train.steps}", flush=True)
 
@@ -135,6 +137,8 @@ def train(cfg: JobConfig) -> dict[str, float]:
         checkpoint()
     if cfg.train.export_hf:
         export_hf(par, cfg.model, Path(cfg.train.out_dir) / "hf")
+    if env.is_main:
+        log_hparams(logger.writer, cfg, metrics)
     logger.close()
     return metrics
 
