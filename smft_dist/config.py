@@ -95,7 +95,7 @@ class ModelConfig:
 
 # ---------------------------------------------------------------------------------------- method
 METHODS = ("pretrain", "smft", "memory_ft", "full_ft", "lora")
-RANKINGS = ("tfidf", "tf", "random", "all")
+RANKINGS = ("tfidf", "tf", "kl", "random", "all")
 
 
 @dataclass
@@ -103,9 +103,9 @@ class MethodConfig:
     """What trains: see :mod:`smft_dist.smft.methods`. Defaults follow the SMFT paper."""
 
     name: str = "smft"  # pretrain | smft | memory_ft | full_ft | lora
-    ranking: str = "tfidf"  # smft: tfidf | tf | random | all
+    ranking: str = "tfidf"  # smft: tfidf | tf | kl | random | all
     top_t: int = 500  # smft: value rows trained per batch (paper: 500 facts, 10k documents)
-    background: str | None = None  # smft + tfidf: df statistics file (python -m smft_dist.background)
+    background: str | None = None  # smft + tfidf / kl: background statistics file (python -m smft_dist.background)
     value_lr: float = 2.0  # lr of value rows (SGD for smft / memory_ft; paper: 2 low, 5 high)
     dense_lr: float = 5e-6  # lr of dense / LoRA parameters (AdamW)
     weight_decay: float = 0.1  # AdamW, dense / LoRA parameters

@@ -94,6 +94,7 @@ def test_smft_run_with_background_eval_and_export(world, tmp_path):
     assert run_ranks(_background, 2, _job(world, smft, *overrides), str(tmp_path / "df.safetensors")) == [5, 5]
     stats = BackgroundStats.load(tmp_path / "df.safetensors")
     assert stats.num_batches == 5 and int(stats.df["mem_values_1"].max()) <= 5
+    assert (stats.counts["mem_values_1"] >= stats.df["mem_values_1"]).all() and int(stats.counts["mem_values_1"].sum()) > 0
 
     metrics = run_ranks(_train, 2, _job(world, smft, *overrides))
     same = {k: v for k, v in metrics[0].items() if k != "tokens_per_s"}

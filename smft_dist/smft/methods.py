@@ -26,7 +26,7 @@ from smft_dist.config import ConfigError, MethodConfig
 from smft_dist.model.memory import MemoryLayer
 from smft_dist.model.transformer import Attention, SwiGLU, Transformer
 from smft_dist.smft.background import BackgroundStats
-from smft_dist.smft.selection import TopTSelector, idf
+from smft_dist.smft.selection import TopTSelector, background_log_q, idf
 from smft_dist.smft.slot_counts import SlotCounter
 
 
@@ -87,6 +87,11 @@ def apply_method(
                     raise ConfigError(f"method.background: ranking 'tfidf' needs df statistics for table {name!r} "
                                       "(python -m smft_dist.background)")
                 weights = idf(background.df[name], background.num_batches)
+            elif cfg.ranking == "kl":
+                if background is None or name not in background.counts:
+                    raise ConfigError(f"method.background: ranking 'kl' needs background access counts for table {name!r} "
+                                      "(rerun python -m smft_dist.background)")
+                weights = background_log_q(background.counts[name])
             sel = TopTSelector(SlotCounter(block.ffn.cfg.num_slots, group), cfg.top_t, cfg.ranking, weights, seed_fn)
             block.ffn.trainable_selector = selectors[i] = sel
     dense = [p for _, p in model.dense_parameters() if p.requires_grad]

@@ -1,8 +1,11 @@
-"""Top-t slot selection: rank accessed slots by tfidf | tf | random | all and keep the best t.
+"""Top-t slot selection: rank accessed slots by tfidf | tf | kl | random | all and keep the best t.
 
 TF-IDF(i) = c(i) / sum_j c(j) * log((|B| + 1) / (df(i) + 1)), with c the global access counts of
 this batch and df, |B| the background statistics (SMFT paper, section 4); the idf factor is computed
-once per run. Only slots read by this batch are candidates. Ties break towards the lower slot index,
+once per run. KL(i) = p(i) * log(p(i) / q(i)), the slot's term of KL(p || q) with p = c / sum(c) the
+batch's access distribution and q the background's (the "surprise" ranking of Goyal et al. 2026):
+q(i) = (counts(i) + 1) / (sum_j counts(j) + N), add-one (Laplace) smoothing so a slot the background
+never read has a finite, small q. Only slots read by this batch are candidates. Ties break towards the lower slot index,
 so every rank, given the same counts, selects the same set.
 """
 
@@ -22,6 +25,20 @@ def idf(df: torch.Tensor, num_batches: int) -> torch.Tensor:
     return torch.log((num_batches + 1) / (df.double() + 1))
 
 
+def background_log_q(counts: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """float64 [N] log q(i) of the background's access distribution, add-``alpha`` smoothed:
+    q(i) = (counts(i) + alpha) / (sum_j counts(j) + alpha * N); fixed during finetuning."""
+    c = counts.double() + alpha
+    return torch.log(c / c.sum())
+
+
+def kl_scores(counts: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """float64: p(i) * log(p(i) / q(i)) of each accessed slot, given its batch counts (all > 0) and
+    its background log q(i)."""
+    p = counts.double() / counts.sum()
+    return p * (torch.log(p) - log_q)
+
+
 def select_top_t(
     counts: torch.Tensor,
     t: int,
@@ -30,6 +47,7 @@ def select_top_t(
     seed: int = 0,
 ) -> torch.Tensor:
     """bool [N]: the top-t accessed slots under ``ranking`` (deterministic ties: lower index wins).
+    ``idf`` holds the per-slot background weights: idf for tfidf, log q for kl.
 
     Only the accessed slots are scored and sorted, not all N.
     """
@@ -43,6 +61,10 @@ def select_top_t(
         if idf is None:
             raise ValueError("ranking 'tfidf' needs background df statistics (method.background)")
         score = c / c.sum() * idf[accessed]
+    elif ranking == "kl":
+        if idf is None:
+            raise ValueError("ranking 'kl' needs background access counts (method.background)")
+        score = kl_scores(c, idf[accessed])
     elif ranking == "tf":
         score = c
     elif ranking == "random":
