@@ -28,6 +28,7 @@ from smft_dist.model.transformer import Transformer
 from smft_dist.provenance import log_hparams, write_provenance
 from smft_dist.smft.background import BackgroundStats
 from smft_dist.smft.methods import apply_method
+from smft_dist.smft.utilization import MemoryUsage
 
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
@@ -82,6 +83,7 @@ def train(cfg: JobConfig) -> dict[str, float]:
     progress = {"step": 0}
     plan = apply_method(model, cfg.method, background, seed_fn=lambda: cfg.train.seed * 1_000_003 + progress["step"])
     par = parallelize(model, cfg, plan, device)
+    usage = MemoryUsage(par.model.memory_layers())
     stream_cfg = cfg.data.continual if cfg.train.stream == "continual" else cfg.data.pretrain
     stream = build_stream(stream_cfg, tokenizer, rank=env.rank, world_size=env.world_size, seed=cfg.data.seed,
                           cache_dir=cfg.data.cache_dir, num_proc=cfg.data.num_proc)
@@ -122,6 +124,7 @@ def train(cfg: JobConfig) -> dict[str, float]:
                 metrics[f"rows_trained/layer{i}"] = float(sel.selected.sum())
                 metrics[f"slots_accessed/layer{i}"] = float((sel.counts > 0).sum())
             logger.log(step, metrics)
+            usage.log(logger, step)
             tokens, t0 = 0, time.perf_counter()
         if step == cfg.train.steps:  # the final eval and checkpoint follow the loop
             break

@@ -1,5 +1,5 @@
 """Run provenance: the resolved config reloads to the same config, git/package/world info, and the
-hyperparameters with final metrics in TensorBoard's HParams view."""
+hyperparameters with final metrics in TensorBoard's HParams view; the run also logs memory usage."""
 
 from __future__ import annotations
 
@@ -32,6 +32,12 @@ def test_run_dir_records_config_code_and_hparams(world, tmp_path):  # noqa: F811
     info = json.loads((out / "run.json").read_text())
     assert info["world_size"] == 1 and info["packages"]["torch"]
     assert set(info["git"]) == {"commit", "dirty"}
+
+    usage = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"memory"' in x]
+    assert [u["step"] for u in usage] == [1, 2] and all(0 < u["mem_values_1/read_fraction"] <= 1 for u in usage)
+    train_events = EventAccumulator(str(out / "tensorboard"))
+    train_events.Reload()
+    assert "memory/mem_values_1/access_counts" in train_events.Tags()["histograms"]
 
     acc = EventAccumulator(str(out / "tensorboard" / "hparams"))
     acc.Reload()
