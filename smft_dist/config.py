@@ -311,6 +311,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # floor of cosine / linear decay, as a fraction of the base lr
     log_every: int = 10
     export_hf: bool = True  # write a consolidated save_pretrained model to out_dir/hf at the end
+    log_selected_slots: bool = False  # smft: every step's top-t slot ids to out_dir/selected_slots.jsonl
 
     def validate(self) -> None:
         _require(self.steps >= 0, "train.steps", "must be >= 0")
@@ -340,6 +341,8 @@ class JobConfig:
         self.method.validate()
         for section in (self.data, self.eval, self.distributed, self.sparse_optim, self.checkpoint, self.train):
             section.validate()
+        _require(not self.train.log_selected_slots or self.method.name == "smft", "train.log_selected_slots",
+                 f"only smft selects slots (method.name is {self.method.name})")
 
 
 # --------------------------------------------------------------------------------------- loading

@@ -28,7 +28,7 @@ from smft_dist.model.transformer import Transformer
 from smft_dist.provenance import log_hparams, write_provenance
 from smft_dist.smft.background import BackgroundStats
 from smft_dist.smft.methods import apply_method
-from smft_dist.smft.utilization import MemoryUsage
+from smft_dist.smft.utilization import MemoryUsage, SelectionLog
 
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
@@ -84,6 +84,7 @@ def train(cfg: JobConfig) -> dict[str, float]:
     plan = apply_method(model, cfg.method, background, seed_fn=lambda: cfg.train.seed * 1_000_003 + progress["step"])
     par = parallelize(model, cfg, plan, device)
     usage = MemoryUsage(par.model.memory_layers())
+    slot_log = SelectionLog(Path(cfg.train.out_dir) / "selected_slots.jsonl") if cfg.train.log_selected_slots and env.is_main else None
     stream_cfg = cfg.data.continual if cfg.train.stream == "continual" else cfg.data.pretrain
     stream = build_stream(stream_cfg, tokenizer, rank=env.rank, world_size=env.world_size, seed=cfg.data.seed,
                           cache_dir=cfg.data.cache_dir, num_proc=cfg.data.num_proc)
@@ -116,6 +117,8 @@ def train(cfg: JobConfig) -> dict[str, float]:
                           dense_lr=cfg.method.dense_lr * mult, value_lr=cfg.method.value_lr * mult)
         progress["step"] += 1
         step = progress["step"]
+        if slot_log is not None:
+            slot_log.write(step, plan.selectors)
         tokens += int(batch["attention_mask"].sum()) * env.world_size
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             elapsed = time.perf_counter() - t0

@@ -66,3 +66,11 @@ def test_paper_config_is_the_papers_model():
     values = sum(p.numel() for p in model.value_tables.parameters())
     assert cfg.memory.num_slots == 1024**2 and values == 1024**2 * 1024
     assert 1.0e9 < dense < 1.6e9, dense
+
+
+def test_selected_slot_log_only_for_smft():
+    from smft_dist.config import ConfigError, load_config
+
+    assert load_config(None, ["train.log_selected_slots=true"]).train.log_selected_slots
+    with pytest.raises(ConfigError, match="^train.log_selected_slots: only smft selects slots"):
+        load_config(None, ["train.log_selected_slots=true", "method.name=full_ft"])

@@ -1,4 +1,5 @@
-"""Memory utilization: which value slots training reads, over a log window, merged over ranks.
+"""Memory utilization: which value slots training reads, over a log window, merged over ranks; and
+the log of the slots SMFT selected at every step (``train.log_selected_slots``).
 
 A forward hook on each memory layer records the slots every training forward (grad enabled) read;
 eval forwards (no grad) are skipped and padding is excluded. At each log step,
@@ -16,7 +17,9 @@ batch) and logs, per value table:
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -24,6 +27,7 @@ from torch import nn
 
 from smft_dist.metrics import MetricLogger
 from smft_dist.model.memory import MemoryLayer
+from smft_dist.smft.selection import TopTSelector
 
 
 def usage_stats(counts: torch.Tensor, slots_per_forward: torch.Tensor) -> dict[str, float]:
@@ -92,3 +96,22 @@ class MemoryUsage:
         logger.log(step, scalars, prefix="memory")
         for tag, values in hists.items():
             logger.histogram(step, f"memory/{tag}", values)
+
+
+class SelectionLog:
+    """Appends ``{"step", "layer", "slots"}`` per memory layer (block index) and step to a jsonl file: the
+    top-t rows that step trained (global ids, the same on every rank). A resumed run appends again
+    from its checkpoint, so readers keep the last record of a (step, layer)."""
+
+    def __init__(self, path: str | Path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a")
+
+    def write(self, step: int, selectors: dict[int, TopTSelector]) -> None:
+        for layer, sel in selectors.items():
+            slots = sel.selected.nonzero().flatten().tolist()
+            self.file.write(json.dumps({"step": step, "layer": layer, "slots": slots}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
