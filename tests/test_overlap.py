@@ -8,6 +8,7 @@ import pytest
 
 from smft_dist.analysis.overlap import overlap_report, pearson, read_selection_log, record_of_steps
 from smft_dist.data.streams import IndexedStream
+from tests.test_train import world  # noqa: F401  (a fixture)
 
 
 def test_selection_log_keeps_the_last_record_of_a_repeated_step(tmp_path):
@@ -42,3 +43,21 @@ def test_overlap_report_on_a_hand_built_log():
     assert r["f1_loss_vs_answer_slots_updated"] == pytest.approx(pearson([1, 0, 3], [0.5, 0.0, 1.0]))
     assert pearson([1, 0, 3], [0.5, 0.0, 1.0]) == pytest.approx(0.9820, abs=1e-4)
     assert pearson([1, 1], [0.0, 1.0]) is None
+
+
+@pytest.mark.slow
+def test_overlap_cli_on_a_tiny_smft_run(world, tmp_path):  # noqa: F811
+    from smft_dist.analysis.overlap import main
+    from tests.multiproc import run_ranks
+    from tests.test_train import _job, _train
+
+    pre, run = tmp_path / "pre", tmp_path / "smft"
+    run_ranks(_train, 1, _job(world, pre, "train.steps=2"))
+    tasks = f"[{{name: known_facts, kind: qa, source: {{path: {world}/facts_known.jsonl, schema: facts, max_examples: 4}}}}]"
+    run_ranks(_train, 1, _job(world, run, f"train.init_from={pre}/hf", "train.stream=continual", "train.steps=3", "method.name=smft",
+                              "method.ranking=tf", "method.top_t=5", "train.log_selected_slots=true", "eval.max_new_tokens=2",
+                              f"eval.tasks={tasks}"))
+    main(["--run", str(run), "--max-known", "4"])
+    report = json.loads((run / "overlap.json").read_text())
+    assert report["known_facts"] == 4 and report["new_facts"] == 3 and 0 < report["slots_updated"] <= 15
+    assert sum(report["overlap_histogram"].values()) == 4
