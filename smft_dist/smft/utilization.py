@@ -104,14 +104,10 @@ class SelectionLog:
     from its checkpoint, so readers keep the last record of a (step, layer)."""
 
     def __init__(self, path: str | Path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "a")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, step: int, selectors: dict[int, TopTSelector]) -> None:
-        for layer, sel in selectors.items():
-            slots = sel.selected.nonzero().flatten().tolist()
-            self.file.write(json.dumps({"step": step, "layer": layer, "slots": slots}) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
+        with open(self.path, "a") as f:
+            for layer, sel in selectors.items():
+                f.write(json.dumps({"step": step, "layer": layer, "slots": sel.selected.nonzero().flatten().tolist()}) + "\n")
