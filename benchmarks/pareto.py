@@ -315,9 +315,10 @@ def markdown(points: list[Point], base: dict) -> str:
         ref = matched["full_ft"]
         lines += ["", f"Matched learning (new F1 within 0.05 of full_ft's best, {ref.mean('new_f1'):.3f}):", ""]
         for method, p in matched.items():
-            ratio = p.mean("known_drop_pct") / ref.mean("known_drop_pct") if ref.mean("known_drop_pct") > 0 else math.nan
+            ref_drop = ref.mean("known_drop_pct")
+            ratio = f"x{p.mean('known_drop_pct') / ref_drop:.2f}" if ref_drop > 0 else "n/a"
             lines.append(f"- {method}: new F1 {p.mean('new_f1'):.3f}, known F1 drop {p.mean('known_drop_pct'):.1f}% "
-                         f"(x{ratio:.2f} of full_ft's), held-out NLL Δ {p.mean('nll_delta'):+.4f}")
+                         f"({ratio} of full_ft's), held-out NLL Δ {p.mean('nll_delta'):+.4f}")
     return "\n".join(lines) + "\n"
 
 
