@@ -2,8 +2,8 @@
 
 Runs the model (``train.init_from``) forward over ``--batches`` global batches of the background
 stream (``data.background``) and counts, per memory layer's table, in how many batches each slot
-was read (all-reduced over ranks, so a global batch counts once). The result is what
-``method.background`` points at for TF-IDF ranking.
+was read (all-reduced over ranks, so a global batch counts once) and how often in total. The result
+is what ``method.background`` points at for TF-IDF (df) and KL (counts) ranking.
 """
 
 from __future__ import annotations

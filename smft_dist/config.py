@@ -98,7 +98,7 @@ class ModelConfig:
 
 # ---------------------------------------------------------------------------------------- method
 METHODS = ("pretrain", "smft", "memory_ft", "memory_pretrain", "full_ft", "lora")
-RANKINGS = ("tfidf", "tf", "random", "all")
+RANKINGS = ("tfidf", "tf", "kl", "random", "all")
 
 
 @dataclass
@@ -106,9 +106,9 @@ class MethodConfig:
     """What trains: see :mod:`smft_dist.smft.methods`. Defaults follow the SMFT paper."""
 
     name: str = "smft"  # pretrain | smft | memory_ft | memory_pretrain | full_ft | lora
-    ranking: str = "tfidf"  # smft: tfidf | tf | random | all
+    ranking: str = "tfidf"  # smft: tfidf | tf | kl | random | all
     top_t: int = 500  # smft: value rows trained per batch (paper: 500 facts, 10k documents)
-    background: str | None = None  # smft + tfidf: df statistics file (python -m smft_dist.background)
+    background: str | None = None  # smft + tfidf / kl: background statistics file (python -m smft_dist.background)
     value_lr: float = 2.0  # lr of value rows (SGD for smft / memory_ft; paper: 2 low, 5 high); not full_ft
     dense_lr: float = 5e-6  # lr of dense / LoRA parameters (AdamW); full_ft: of value rows too
     weight_decay: float = 0.1  # AdamW, dense / LoRA parameters
@@ -328,6 +328,7 @@ class TrainConfig:
     log_every: int = 10
     export_hf: bool = True  # write a consolidated save_pretrained model to out_dir/hf at the end
     on_nonfinite: str = "fail"  # a NaN/inf loss: fail (one line naming the step) | skip (no update that step)
+    log_selected_slots: bool = False  # smft: every step's top-t slot ids to out_dir/selected_slots.jsonl
 
     def validate(self) -> None:
         _require(self.steps >= 0, "train.steps", "must be >= 0")
@@ -360,6 +361,8 @@ class JobConfig:
             section.validate()
         _require(self.train.on_nonfinite == "fail" or self.distributed.grad_accum_steps == 1, "train.on_nonfinite",
                  "skip needs distributed.grad_accum_steps=1 (earlier micro-batches' rows update inside their backward)")
+        _require(not self.train.log_selected_slots or self.method.name == "smft", "train.log_selected_slots",
+                 f"only smft selects slots (method.name is {self.method.name})")
         self._validate_value_optimizer()
         if not self.train.init_from:  # else the model comes from the saved one: build_model checks it
             self.validate_model_fit()

@@ -40,6 +40,11 @@ class MetricLogger:
         shown = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in scalars.items())
         print(f"[{prefix}] step {step:>6}  {shown}", flush=True)
 
+    def histogram(self, step: int, tag: str, values) -> None:
+        """A TensorBoard histogram of ``values`` (a tensor) under ``tag``."""
+        if self.enabled:
+            self.writer.add_histogram(tag, values, step)
+
     def close(self) -> None:
         if self.enabled:
             self.writer.close()

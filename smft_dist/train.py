@@ -31,8 +31,10 @@ from smft_dist.eval import run_eval
 from smft_dist.metrics import MetricLogger
 from smft_dist.model.saved import load_dense
 from smft_dist.model.transformer import Transformer
+from smft_dist.provenance import log_hparams, write_provenance
 from smft_dist.smft.background import BackgroundStats
 from smft_dist.smft.methods import apply_method
+from smft_dist.smft.utilization import MemoryUsage, SelectionLog
 
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
@@ -102,6 +104,8 @@ def train(cfg: JobConfig) -> dict[str, float]:
     progress = {"step": 0}
     plan = apply_method(model, cfg.method, background, seed_fn=lambda: cfg.train.seed * 1_000_003 + progress["step"])
     par = parallelize(model, cfg, plan, device)
+    usage = MemoryUsage(par.model.memory_layers())
+    slot_log = SelectionLog(Path(cfg.train.out_dir) / "selected_slots.jsonl") if cfg.train.log_selected_slots and env.is_main else None
     stream_cfg = cfg.data.continual if cfg.train.stream == "continual" else cfg.data.pretrain
     stream = build_stream(stream_cfg, tokenizer, rank=env.rank, world_size=env.world_size, seed=cfg.data.seed,
                           cache_dir=cfg.data.cache_dir, num_proc=cfg.data.num_proc)
@@ -112,6 +116,7 @@ def train(cfg: JobConfig) -> dict[str, float]:
     logger = MetricLogger(cfg.train.out_dir, env.is_main, resume_step=progress["step"])
     guard = NonFiniteGuard(par, cfg.train.on_nonfinite)
     if env.is_main:
+        write_provenance(cfg, cfg.train.out_dir, env.world_size)
         print(f"train: {cfg.method.name} on {cfg.train.stream} stream, {env.world_size} rank(s) on {device.type}, "
               f"from step {progress['step']} to {cfg.train.steps}", flush=True)
 
@@ -135,6 +140,8 @@ def train(cfg: JobConfig) -> dict[str, float]:
             par, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device),
             dense_lr=cfg.method.dense_lr * mult, value_lr=value_lr * mult), measure_rows=logged)
         progress["step"] = step
+        if slot_log is not None:
+            slot_log.write(step, plan.selectors)
         tokens += int(batch["attention_mask"].sum()) * env.world_size  # host tensor: no device sync
         if logged:
             elapsed = time.perf_counter() - t0
@@ -144,6 +151,7 @@ def train(cfg: JobConfig) -> dict[str, float]:
                 metrics[f"rows_trained/{name}"] = float(sel.selected.numel())
                 metrics[f"slots_accessed/{name}"] = float(sel.slots.numel())
             logger.log(step, metrics)
+            usage.log(logger, step)
             tokens, t0 = 0, time.perf_counter()
         if step == cfg.train.steps:  # the final eval and checkpoint follow the loop
             break
@@ -166,6 +174,8 @@ def train(cfg: JobConfig) -> dict[str, float]:
         checkpoint()
     if cfg.train.export_hf:
         export_hf(par, cfg.model, Path(cfg.train.out_dir) / "hf")
+    if env.is_main:
+        log_hparams(logger.writer, cfg, metrics)
     logger.close()
     return metrics
 

@@ -117,3 +117,11 @@ def test_paper_smft_configs_are_the_papers_runs(name, seq_len, top_t, layers):
     assert (cfg.model.memory.num_slots, cfg.model.value_dim) == (base.memory.num_slots, base.value_dim)
     for task in cfg.eval.tasks:  # every evaluation source is a local file or one of the hub formats
         assert task.source.schema in ("facts", "nq_open", "hellaswag", "gsm8k", "simpleqa"), task.name
+
+
+def test_selected_slot_log_only_for_smft():
+    from smft_dist.config import ConfigError, load_config
+
+    assert load_config(None, ["train.log_selected_slots=true"]).train.log_selected_slots
+    with pytest.raises(ConfigError, match="^train.log_selected_slots: only smft selects slots"):
+        load_config(None, ["train.log_selected_slots=true", "method.name=full_ft"])

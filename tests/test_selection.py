@@ -7,7 +7,7 @@ import torch
 from smft_dist.config import MemoryConfig, ModelConfig
 from smft_dist.model import Transformer, lm_loss
 from smft_dist.smft.background import BackgroundStats
-from smft_dist.smft.selection import RowSelector, apply_sparse_updates, idf, select_top_t
+from smft_dist.smft.selection import RowSelector, apply_sparse_updates, background_log_q, idf, kl_scores, select_top_t
 from smft_dist.smft.slot_counts import SlotCounter, local_counts
 from tests.multiproc import run_ranks
 
@@ -124,3 +124,42 @@ def test_sparse_count_exchange_equals_dense_counts():
             assert selected["tf"].tolist() == sorted(sorted(slots.tolist(), key=lambda i: (-int(dense[i]), i))[:4])
             for ranking, rows in selected.items():
                 assert torch.equal(rows, results[0][2][ranking]), f"{ranking}: ranks disagree"
+
+
+def test_kl_ranking_on_hand_made_numbers():
+    import math
+
+    counts = torch.tensor([4, 0, 1, 3, 2])
+    background = torch.tensor([10, 0, 0, 5, 5])
+    q = [(b + 1) / (20 + 5) for b in background.tolist()]  # add-one smoothing over N = 5 slots
+    log_q = background_log_q(background)
+    torch.testing.assert_close(log_q, torch.tensor([math.log(x) for x in q], dtype=torch.float64))
+    expected = {i: c / 10 * math.log(c / 10 / q[i]) for i, c in enumerate(counts.tolist()) if c}
+    accessed = counts.nonzero().flatten()
+    torch.testing.assert_close(kl_scores(counts[accessed], log_q[accessed]),
+                               torch.tensor([expected[i] for i in accessed.tolist()], dtype=torch.float64))
+    # surprise ranks slot 2 (never in the background) first, the background's favourite slot 0 last
+    order = sorted(expected, key=lambda i: -expected[i])
+    assert order == [2, 3, 4, 0]
+    for t in range(1, 5):
+        assert select_top_t(accessed, counts[accessed], t, "kl", log_q).tolist() == sorted(order[:t])
+    with pytest.raises(ValueError, match="background"):
+        select_top_t(accessed, counts[accessed], 2, "kl")
+
+
+def test_kl_needs_background_counts(tmp_path):
+    from smft_dist.config import ConfigError, MethodConfig
+    from smft_dist.smft.methods import apply_method
+
+    model = Transformer(ModelConfig(vocab_size=32, dim=16, n_layers=2, n_heads=2,
+                                    memory=MemoryConfig(layers=[1], n_keys=4, heads=1, topk=2, k_dim=8)))
+    stats = BackgroundStats.empty({"mem_values_1": 16})
+    stats.add_batch({"mem_values_1": torch.arange(16)})
+    stats.save(tmp_path / "bg.safetensors")
+    loaded = BackgroundStats.load(tmp_path / "bg.safetensors")
+    assert loaded.counts["mem_values_1"].tolist() == list(range(16))
+    plan = apply_method(model, MethodConfig(ranking="kl", top_t=3), loaded)
+    torch.testing.assert_close(plan.selectors["mem_values_1"].idf, background_log_q(torch.arange(16)))
+    df_only = BackgroundStats(loaded.df, loaded.num_batches)  # a file written before counts were stored
+    with pytest.raises(ConfigError, match="method.background: ranking 'kl' needs background access counts"):
+        apply_method(model, MethodConfig(ranking="kl", top_t=3), df_only)

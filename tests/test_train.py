@@ -145,12 +145,13 @@ def test_smft_run_with_background_eval_and_export(world, tmp_path):
     smft = tmp_path / "smft"
     overrides = [f"train.init_from={pre}/hf", "train.stream=continual", "train.steps=3",
                  "method.name=smft", "method.top_t=5", f"method.background={tmp_path}/df.safetensors",
-                 "eval.max_new_tokens=3",
+                 "eval.max_new_tokens=3", "train.log_selected_slots=true",
                  f"eval.tasks=[{{name: new, kind: qa, source: {{path: {world}/facts_new.jsonl, schema: facts, max_examples: 4}}}},"
                  f" {{name: heldout, kind: nll, source: {{path: {world}/heldout.jsonl}}, seq_len: 32}}]"]
     assert run_ranks(_background, 2, _job(world, smft, *overrides), str(tmp_path / "df.safetensors")) == [5, 5]
     stats = BackgroundStats.load(tmp_path / "df.safetensors")
     assert stats.num_batches == 5 and int(stats.df["mem_values_1"].max()) <= 5
+    assert (stats.counts["mem_values_1"] >= stats.df["mem_values_1"]).all() and int(stats.counts["mem_values_1"].sum()) > 0
 
     metrics = run_ranks(_train, 2, _job(world, smft, *overrides))
     same = {k: v for k, v in metrics[0].items() if k != "tokens_per_s"}
@@ -160,6 +161,9 @@ def test_smft_run_with_background_eval_and_export(world, tmp_path):
     before, after = _exported(pre), _exported(smft)
     moved = (before[TABLE] != after[TABLE]).any(1)
     assert 0 < int(moved.sum()) <= 3 * 5, "at most top_t rows per step move"
+    logged = [json.loads(x) for x in (smft / "selected_slots.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["table"], len(r["slots"])) for r in logged] == [(s, "mem_values_1", 5) for s in (1, 2, 3)]
+    assert set(moved.nonzero().flatten().tolist()) <= {s for r in logged for s in r["slots"]}, "only logged rows moved"
     for name in before:
         if name != TABLE:
             assert torch.equal(before[name], after[name]), f"{name} changed under SMFT"

@@ -31,7 +31,7 @@ from torch import nn
 from smft_dist.config import ConfigError, MethodConfig
 from smft_dist.model.transformer import Attention, SwiGLU, Transformer
 from smft_dist.smft.background import BackgroundStats
-from smft_dist.smft.selection import RowSelector, idf
+from smft_dist.smft.selection import RowSelector, background_log_q, idf
 
 
 @dataclass
@@ -99,6 +99,11 @@ def apply_method(
                     raise ConfigError(f"method.background: df statistics for table {name!r} cover {df.numel()} slots over "
                                       f"{background.num_batches} batches; the model has {slots} slots (collect them for this model)")
                 weights = idf(df, background.num_batches)
+            elif ranking == "kl":
+                if background is None or name not in background.counts:
+                    raise ConfigError(f"method.background: ranking 'kl' needs background access counts for table {name!r} "
+                                      "(rerun python -m smft_dist.background)")
+                weights = background_log_q(background.counts[name])
             selectors[name] = RowSelector(cfg.top_t, ranking, weights, seed_fn, group)
         for table in model.value_tables.values():
             table.deferred_rows = True

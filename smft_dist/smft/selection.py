@@ -1,8 +1,11 @@
-"""Top-t row selection per value table: rank the accessed slots by tfidf | tf | random | all.
+"""Top-t row selection per value table: rank the accessed slots by tfidf | tf | kl | random | all.
 
 TF-IDF(i) = c(i) / sum_j c(j) * log((|B| + 1) / (df(i) + 1)), with c the global access counts of
 this optimizer step and df, |B| the background statistics (SMFT paper, section 4); the idf factor
-is computed once per run. Only slots read in this step are candidates. Ties break towards the lower
+is computed once per run. KL(i) = p(i) * log(p(i) / q(i)), the slot's term of KL(p || q) with
+p = c / sum(c) the step's access distribution and q the background's (the "surprise" ranking of
+Goyal et al. 2026): q(i) = (counts(i) + 1) / (sum_j counts(j) + N), add-one (Laplace) smoothing so a
+slot the background never read has a finite, small q. Only slots read in this step are candidates. Ties break towards the lower
 slot index, so every rank, given the same counts, selects the same set.
 
 One :class:`RowSelector` serves one *table*: the counts add up over every memory layer that reads
@@ -27,6 +30,20 @@ def idf(df: torch.Tensor, num_batches: int) -> torch.Tensor:
     return torch.log((num_batches + 1) / (df.double() + 1))
 
 
+def background_log_q(counts: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """float64 [N] log q(i) of the background's access distribution, add-``alpha`` smoothed:
+    q(i) = (counts(i) + alpha) / (sum_j counts(j) + alpha * N); fixed during finetuning."""
+    c = counts.double() + alpha
+    return torch.log(c / c.sum())
+
+
+def kl_scores(counts: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """float64: p(i) * log(p(i) / q(i)) of each accessed slot, given its batch counts (all > 0) and
+    its background log q(i)."""
+    p = counts.double() / counts.sum()
+    return p * (torch.log(p) - log_q)
+
+
 def select_top_t(
     slots: torch.Tensor,
     counts: torch.Tensor,
@@ -36,7 +53,8 @@ def select_top_t(
     seed: int = 0,
 ) -> torch.Tensor:
     """int64 ascending slot ids: the top-t of the accessed ``slots`` (ascending, with their global
-    ``counts``) under ``ranking``; deterministic ties, lower slot first."""
+    ``counts``) under ``ranking``; deterministic ties, lower slot first. ``idf`` holds the per-slot
+    background weights: idf for tfidf, log q for kl."""
     if ranking == "all":
         return slots
     c = counts.double()
@@ -44,6 +62,10 @@ def select_top_t(
         if idf is None:
             raise ValueError("ranking 'tfidf' needs background df statistics (method.background)")
         score = c / c.sum() * idf[slots]
+    elif ranking == "kl":
+        if idf is None:
+            raise ValueError("ranking 'kl' needs background access counts (method.background)")
+        score = kl_scores(c, idf[slots])
     elif ranking == "tf":
         score = c
     elif ranking == "random":

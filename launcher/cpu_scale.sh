@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The CPU-scale setting the learning/forgetting frontier is measured on (2^16 memory slots):
+#   1. generate a larger synthetic world (600 people) and its tokenizer;
+#   2. pretrain the memory model on it (runs/cpu_scale/pretrain; resumes from its checkpoints);
+#   3. collect background df + access counts (tfidf and kl rankings);
+#   4. evaluate the starting model (known-fact F1 = what there is to forget).
+# Then: python -m benchmarks.pareto --grid benchmarks/grids/cpu_scale.yaml [--workers N]
+# Extra key=value arguments go to stage 2, e.g. `train.steps=8000`. NPROC=2 runs stages 2-3 on 2 gloo processes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launcher/setup.sh
+export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+  HF_DATASETS_DISABLE_PROGRESS_BARS=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error
+PY=.venv/bin/python
+RUN=(.venv/bin/torchrun --standalone --nproc-per-node "${NPROC:-1}")
+DATA=data/cpu_scale OUT=runs/cpu_scale
+
+[[ -f $DATA/facts_new.jsonl ]] || $PY -m smft_dist.data.synthetic --out "$DATA" --size small --people 600
+[[ -f $OUT/pretrain/hf/config.json ]] || "${RUN[@]}" -m smft_dist.train --config configs/cpu_scale_pretrain.yaml "$@"
+[[ -f $OUT/background.safetensors ]] || \
+  "${RUN[@]}" -m smft_dist.background --config configs/cpu_scale_smft.yaml --out "$OUT/background.safetensors" --batches 1000
+[[ -f $OUT/start/metrics.jsonl ]] || \
+  $PY -m smft_dist.evaluate --config configs/cpu_scale_smft.yaml --model "$OUT/pretrain/hf" --out "$OUT/start" > /dev/null
+grep '"split": "memory"' "$OUT/pretrain/metrics.jsonl" | tail -1
+grep '"split": "eval"' "$OUT/start/metrics.jsonl" | tail -1
+echo "TensorBoard: .venv/bin/tensorboard --logdir $OUT"

@@ -1,0 +1,1 @@
+"""Analyses of finished runs (python -m smft_dist.analysis.<name>)."""
