@@ -111,6 +111,7 @@ def test_cli_writes_an_init_from_directory_with_tokenizer(tmp_path, capsys):
     main(["--model", str(tmp_path / "hf"), "--layers", "1", "--out", str(tmp_path / "out"), "n_keys=8", "topk=4", "heads=2", "k_dim=16"])
     assert (tmp_path / "out" / "tokenizer.json").is_file()
     job = JobConfig()
+    job.method.name = "memory_pretrain"  # recovery: the first run on a retrofitted model
     job.train.init_from = str(tmp_path / "out")
     model = build_model(job).eval()
     assert job.model.memory.placement == "beside" and job.model.memory.layers == [1]
