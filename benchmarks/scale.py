@@ -10,7 +10,7 @@ model, runtime buffers): ``(peak - baseline) / shard`` is the memory a phase nee
 table shard (1.0: the shard alone).
 Phases: pretrain and SMFT steps, ``train.init_from`` of a saved model and the HF export.
 Step time: SMFT (count, rank, split) against memory_ft with the same batch at N = 2^16 .. 2^22,
-and the share of the step spent in the trainable-row selection (slot counting + ranking).
+and the share of the step spent in the slot-count service (the exchange of the accessed slots).
 Lookup: a memory layer's forward + backward, tokens/s per rank on 2 row-wise ranks against one
 process with a local table (reuses ``benchmarks.sharded_lookup``).
 """
@@ -87,9 +87,8 @@ def _phase(rank: int, world: int, port: int, phase: str, args, n_log2: int, v_di
     ids, mask = _batch(args, rank)
     if phase in ("pretrain", "smft", "memory_ft"):
         selecting = [0.0]
-        for layer in par.model.memory_layers():
-            if layer.trainable_selector is not None:
-                layer.trainable_selector = _timed(layer.trainable_selector, selecting)
+        for sel in par.row_selectors.values():  # the slot-count service: exchange of the accessed slots
+            sel.counter.global_counts = _timed(sel.counter.global_counts, selecting)
         step = lambda: train_step(par, ids, mask, ids)  # noqa: E731
         step()
         selecting[0] = 0.0
@@ -143,7 +142,7 @@ def memory_table(args, n_log2: int, v_dim: int) -> None:
 def step_table(args, v_dim: int) -> None:
     tokens = 2 * args.batch * args.seq
     print(f"\nSMFT step vs memory_ft, same batch ({tokens} tokens over 2 ranks), v_dim {v_dim}, top-t {args.top_t}")
-    print(f"{'N':>6}{'memory_ft s':>13}{'smft s':>9}{'smft/memory_ft':>16}{'selection share':>17}")
+    print(f"{'N':>6}{'memory_ft s':>13}{'smft s':>9}{'smft/memory_ft':>16}{'count share':>17}")
     for n_log2 in args.sweep:
         base = max(r["step_s"] for r in run_phase("memory_ft", args, n_log2, v_dim))
         smft = max(run_phase("smft", args, n_log2, v_dim), key=lambda r: r["step_s"])

@@ -15,6 +15,7 @@ from smft_dist.data import load_tokenizer, train_tokenizer
 from smft_dist.data.packing import encode, tokenize_pairs, tokenize_text
 from smft_dist.eval import runner
 from smft_dist.eval.runner import evaluate_choice, evaluate_nll, evaluate_qa, greedy_generate, run_eval
+from smft_dist.model.transformer import KVCache, Transformer
 from tests.multiproc import run_ranks
 
 PROMPT = "Question: {question}\nAnswer:"
@@ -196,7 +197,8 @@ def test_evaluation_reduces_on_the_model_device(tok_dir, monkeypatch, device):
     qa, choice = datasets.Dataset.from_list(QA), datasets.Dataset.from_list(CHOICES)
     answering, favor = _answering_model(tok, "Rome").to(device), Favor(len(tok), _ids(tok, " north")).to(device)
     evaluate_qa(answering, tok, qa, prompt=PROMPT, batch_size=2, max_new_tokens=4)
-    evaluate_qa(answering, tok, qa, prompt=PROMPT, batch_size=2, max_new_tokens=4, lockstep=True)
+    smft_lm = Transformer(_tiny_lm(len(tok)).model).eval().to(device)  # lockstep decodes through the KV cache
+    evaluate_qa(smft_lm, tok, qa, prompt=PROMPT, batch_size=2, max_new_tokens=4, lockstep=True)
     evaluate_choice(favor, tok, choice, batch_size=4)
     evaluate_nll(favor, rows, batch_size=2)
     assert len(seen) >= 4 and set(seen) == {torch.device(device, 0) if device == "cuda" else torch.device(device)}
@@ -242,7 +244,6 @@ class _NoCache(nn.Module):
 
 
 def test_kv_cache_decoding_equals_rereading_the_prefix(tok_dir):
-    from smft_dist.model.transformer import KVCache, Transformer
 
     tok = load_tokenizer(tok_dir)
     torch.manual_seed(0)
@@ -290,7 +291,6 @@ def _tiny_lm_results(model, tok, lockstep: bool) -> dict:
 
 @pytest.mark.multirank
 def test_row_sharded_eval_splits_examples_in_lockstep(tok_dir):
-    from smft_dist.model.transformer import Transformer
 
     torch.manual_seed(0)
     single = _tiny_lm_results(Transformer(_tiny_lm(320).model).eval(), load_tokenizer(tok_dir), lockstep=False)

@@ -105,6 +105,8 @@ def test_cli_writes_an_init_from_directory_with_tokenizer(tmp_path, capsys):
     from smft_dist.retrofit import main
     from smft_dist.train import build_model
     from smft_dist.config import JobConfig
+    from smft_dist.model.saved import saved_value_rows
+    from smft_dist.model.value_table import LocalValueTable
 
     hf = tiny_hf("qwen2", tmp_path / "hf", vocab_size=300)
     train_tokenizer(["the cat sat on the mat", "a dog ran"] * 20, 280, tmp_path / "hf")
@@ -113,8 +115,12 @@ def test_cli_writes_an_init_from_directory_with_tokenizer(tmp_path, capsys):
     job = JobConfig()
     job.method.name = "memory_pretrain"  # recovery: the first run on a retrofitted model
     job.train.init_from = str(tmp_path / "out")
-    model = build_model(job).eval()
+    model = build_model(job).eval()  # the dense weights; each rank reads its own table rows in parallelize
     assert job.model.memory.placement == "beside" and job.model.memory.layers == [1]
+    rows = saved_value_rows(job.train.init_from, "mem_values_1")
+    table = LocalValueTable(*rows.shape)
+    table.weight.data.copy_(rows.rows(0, rows.shape[0]))
+    model.bind_value_tables({"mem_values_1": table})
     ids, _ = _ids_mask()
     torch.testing.assert_close(model(ids), hf(ids).logits)
 
