@@ -172,14 +172,15 @@ def sweep(runs: list[Run], out: Path, run_one: Callable[[Run], dict], workers: i
     path = out / "results.jsonl"
     done = {r["key"] for r in load_results(path)}
     todo = [r for r in runs if r.key not in done]
+    total = len(done) + len(todo)
     out.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=workers) as pool, open(path, "a") as f:
         futures = {pool.submit(run_one, r): r for r in todo}
         for future in as_completed(futures):
             f.write(json.dumps(future.result()) + "\n")
             f.flush()
-            print(f"pareto: finished {futures[future].name} ({len(done) + 1}/{len(done) + len(todo)})", flush=True)
             done.add(futures[future].key)
+            print(f"pareto: finished {futures[future].name} ({len(done)}/{total})", flush=True)
     return load_results(path)
 
 
