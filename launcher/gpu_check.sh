@@ -18,7 +18,7 @@
 #     --platform manylinux_2_17_x86_64 -d .whl hjson pydantic pydantic-core annotated-types typing-inspection \
 #     datasets dill multiprocess
 # TorchRec needs fbgemm_gpu built for the machine's torch (the CUDA wheel is ~465 MB): without it the
-# TorchRec checks (and the DeepSpeed one: smft_dist.distributed.dense imports torchrec) report SKIP.
+# TorchRec checks report SKIP; the DeepSpeed check needs deepspeed only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
