@@ -13,17 +13,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from transformers import AutoModelForCausalLM
 
 import smft_dist.model  # noqa: F401  (registers smft_memory with the Auto* classes)
-from smft_dist.config import load_config
-from smft_dist.data.tokenizer import load_tokenizer
+from smft_dist.config import ConfigError, load_config
+from smft_dist.data import DataError, load_tokenizer
 from smft_dist.distributed.env import init_distributed
 from smft_dist.eval.runner import run_eval
 from smft_dist.metrics import MetricLogger
+
+# Bad input (config, model directory, data): one line naming it, no traceback.
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,8 +42,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    args = parse_args(argv)
+    try:
+        return evaluate(parse_args(argv))
+    except USER_ERRORS as e:
+        raise SystemExit(f"smft_dist.evaluate: {e}") from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, float]:
+    """Evaluate ``args.model`` on the config's tasks; rank 0 prints or logs the results."""
     cfg = load_config(args.config, args.overrides)
+    if not (Path(args.model) / "config.json").is_file():
+        raise ConfigError(f"--model: {args.model} is not a save_pretrained directory (no config.json)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1:
         _, device = init_distributed(cfg.distributed.backend)
@@ -53,8 +69,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         logger.close()
     elif is_main:
         print(json.dumps(results, indent=2))
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return results
 
 

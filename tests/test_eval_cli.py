@@ -60,3 +60,20 @@ def test_evaluate_cli(tmp_path):
     acc.Reload()
     (event,) = acc.Scalars("eval/held/nll")
     assert event.step == 3 and event.value == pytest.approx(math.log(300))
+
+
+@pytest.mark.parametrize("case", ["no_model_dir", "missing_task_file", "bad_override"])
+def test_bad_input_is_one_line_naming_it(tmp_path, case):
+    UniformLM(UniformConfig(vocab_size=300)).save_pretrained(tmp_path / "model")
+    train_tokenizer(["alpha beta gamma"] * 4, 300, tmp_path / "tok")
+    missing = tmp_path / "nowhere.jsonl"
+    args, named = {
+        "no_model_dir": (["--model", str(tmp_path / "nomodel")], "--model"),
+        "missing_task_file": (["--model", str(tmp_path / "model"),
+                               f"eval.tasks=[{{name: held, kind: nll, source: {{path: {missing}}}}}]"], str(missing)),
+        "bad_override": (["--model", str(tmp_path / "model"), "eval.batch_size=0"], "eval.batch_size"),
+    }[case]
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--tokenizer", str(tmp_path / "tok"), *args, f"data.cache_dir={tmp_path / 'cache'}"])
+    message = str(e.value)
+    assert message.startswith("smft_dist.evaluate: ") and named in message and "\n" not in message
