@@ -9,7 +9,7 @@ set (``VmHWM``), once at the measured size and once at a tiny table (the baselin
 model, runtime buffers): ``(peak - baseline) / shard`` is the memory a phase needs per byte of its
 table shard (1.0: the shard alone).
 Phases: pretrain and SMFT steps, ``train.init_from`` of a saved model and the HF export.
-Step time: SMFT (count, rank, split) against memory_ft with the same batch at N = 2^16 .. 2^22,
+Step time: SMFT (count, rank, deferred update) against memory_ft with the same batch at N = 2^16 .. 2^22,
 and the share of the step spent in the slot-count service (the exchange of the accessed slots).
 Lookup: a memory layer's forward + backward, tokens/s per rank on 2 row-wise ranks against one
 process with a local table (reuses ``benchmarks.sharded_lookup``).
