@@ -7,12 +7,7 @@
 # Then: python -m benchmarks.pareto --grid benchmarks/grids/cpu_scale.yaml [--workers N]
 # Extra key=value arguments go to stage 2, e.g. `train.steps=8000`. NPROC=2 runs stages 2-3 on 2 gloo processes.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bash launcher/setup.sh
-export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-  HF_DATASETS_DISABLE_PROGRESS_BARS=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error
-PY=.venv/bin/python
-RUN=(.venv/bin/torchrun --standalone --nproc-per-node "${NPROC:-1}")
+source "$(dirname "$0")/env.sh"
 DATA=data/cpu_scale OUT=runs/cpu_scale
 
 [[ -f $DATA/facts_new.jsonl ]] || $PY -m smft_dist.data.synthetic --out "$DATA" --size small --people 600

@@ -8,12 +8,7 @@
 # Extra key=value arguments go to stage 4, e.g. `method.top_t=128` or `method.name=full_ft sparse_optim.type=adamw`.
 # NPROC=2 runs stages 2-4 on 2 gloo processes.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bash launcher/setup.sh
-export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-  HF_DATASETS_DISABLE_PROGRESS_BARS=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error
-PY=.venv/bin/python
-RUN=(.venv/bin/torchrun --standalone --nproc-per-node "${NPROC:-1}")
+source "$(dirname "$0")/env.sh"
 DATA=data/quickstart OUT=runs/quickstart
 
 [[ -f $DATA/facts_new.jsonl ]] || $PY -m smft_dist.data.synthetic --out "$DATA" --size small
