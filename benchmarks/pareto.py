@@ -208,8 +208,9 @@ class Subprocesses:
 
 
 def run_env(threads: int) -> dict[str, str]:
-    """Fixed thread counts (the CPU kernels' reduction order depends on them) and quiet libraries."""
-    return {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": str(threads),
+    """Fixed thread counts (the CPU kernels' reduction order depends on them) and quiet libraries;
+    DeepSpeed picks its accelerator itself (CUDA where there is one)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads),
             "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
 

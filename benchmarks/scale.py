@@ -98,7 +98,7 @@ def _phase(rank: int, world: int, port: int, phase: str, args, n_log2: int, v_di
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-        result.update(step_s=min(times), select_s=selecting[0] / args.repeats, mean_step_s=sum(times) / len(times))
+        result.update(step_s=min(times), select_s=selecting[0] / args.repeats)
     elif phase == "export":
         export_hf(par, job.model, saved)
     result["peak_kib"] = _status_kib("VmHWM")

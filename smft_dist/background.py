@@ -25,7 +25,7 @@ from smft_dist.train import USER_ERRORS, build_model
 
 @torch.no_grad()
 def collect(cfg: JobConfig, num_batches: int) -> BackgroundStats:
-    """df statistics of ``num_batches`` background batches (fewer if the stream ends first)."""
+    """df and access-count statistics of ``num_batches`` background batches (fewer if the stream ends first)."""
     env, device = init_distributed(cfg.distributed.backend)
     model = build_model(cfg)
     for p in model.parameters():
@@ -41,10 +41,10 @@ def collect(cfg: JobConfig, num_batches: int) -> BackgroundStats:
             break
         par.model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         accessed = {name: torch.zeros_like(df) for name, df in stats.df.items()}
-        for layer in layers:  # layers sharing a pool add up: a slot read by any of them was accessed
+        for layer in layers:  # layers sharing a pool add up
             access = layer.last_access
-            slots, _ = SlotCounter().global_counts([access.indices if access.valid is None else access.indices[access.valid]])
-            accessed[layer.table_name][slots.cpu()] = 1
+            slots, counts = SlotCounter().global_counts([access.indices if access.valid is None else access.indices[access.valid]])
+            accessed[layer.table_name].index_add_(0, slots.cpu(), counts.cpu())
         stats.add_batch(accessed)
     return stats
 

@@ -59,7 +59,8 @@ def _check_lookup_and_update(rank: int, world: int, placement: str, deferred: bo
         table(idx[mine], w[mine], valid[mine]).mul(probe[mine]).sum().backward()
         table.step()
     torch.testing.assert_close(table.full_weight(), expected.detach())
-    assert torch.equal(table.full_weight()[~selected], ref.weight.detach()[~selected])
+    if deferred:
+        assert torch.equal(table.full_weight()[~selected], ref.weight.detach()[~selected])
 
 
 @pytest.mark.multirank

@@ -396,19 +396,19 @@ def export_hf(par: Parallel, model_cfg: ModelConfig, out_dir: str | Path, chunk_
     out_dir = Path(out_dir)
     refuse_nonfinite(par, f"export to {out_dir}")
     main = dist.get_rank() == 0
-    dense = {PREFIX + k: v.float().cpu() for k, v in merged_state_dict(par.model).items()}
-    if model_cfg.tie_embeddings:  # stored once, as save_pretrained does; loading ties it again
-        dense.pop(PREFIX + "output.weight")
-    shapes = {k: tuple(v.shape) for k, v in dense.items()}
-    shapes.update({table_key(name): (t.num_rows, t.dim) for name, t in par.tables.items()})
     writer = None
-    if main:
+    if main:  # the writing rank: dense weights first, then the tables' rows as they arrive
+        dense = {PREFIX + k: v.float().cpu() for k, v in merged_state_dict(par.model).items()}
+        if model_cfg.tie_embeddings:  # stored once, as save_pretrained does; loading ties it again
+            dense.pop(PREFIX + "output.weight")
+        shapes = {k: tuple(v.shape) for k, v in dense.items()}
+        shapes.update({table_key(name): (t.num_rows, t.dim) for name, t in par.tables.items()})
         out_dir.mkdir(parents=True, exist_ok=True)
         SMFTConfig(model=to_dict(model_cfg), architectures=["SMFTForCausalLM"]).save_pretrained(out_dir)
         writer = _SafetensorsWriter(out_dir / WEIGHTS, shapes)
         for v in dense.values():
             writer.write(v)
-    del dense
+        del dense
     for table in par.tables.values():
         for rows in _rows_to_rank0(table, max(1, chunk_bytes // (4 * table.dim))):
             writer.write(rows.float().cpu())

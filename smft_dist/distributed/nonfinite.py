@@ -16,6 +16,7 @@ Where each check sits, and why ``train.on_nonfinite=skip`` covers non-finite *lo
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -77,7 +78,7 @@ class NonFiniteGuard:
             loss = None
         if before:
             self.row_update_norms = {n: _update_norm(tables[n], rows) for n, rows in before.items()}
-            bad = sorted(n for n, v in self.row_update_norms.items() if not torch.isfinite(torch.tensor(v)))
+            bad = sorted(n for n, v in self.row_update_norms.items() if not math.isfinite(v))
             if bad:
                 raise NonFiniteError(f"step {step}: non-finite value rows in table {bad[0]}; lower method.value_lr")
         return loss

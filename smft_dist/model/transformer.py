@@ -216,8 +216,9 @@ class Transformer(nn.Module):
             attn_mask = (k <= q) & (keys[:, None, None, :] | (k == q))  # padded queries attend to themselves
         cos, sin = rope_cos_sin(positions, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta)
         h = self.tok_embeddings(input_ids)
+        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         for block in self.layers:
-            h = block(h, cos.to(h.dtype), sin.to(h.dtype), attn_mask, valid, cache)
+            h = block(h, cos, sin, attn_mask, valid, cache)
         return self.output(self.norm(h))
 
 

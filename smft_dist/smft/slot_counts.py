@@ -29,7 +29,10 @@ class SlotCounter:
     def global_counts(self, reads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(slots int64 [m] ascending, counts int64 [m]): every slot the global batch read, and how
         often. ``reads``: this rank's flat slot ids (padding already dropped), any number of lookups."""
-        slots, counts = local_counts(reads)
+        return self.merge(*local_counts(reads))
+
+    def merge(self, slots: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (slots ascending, counts) -> the global batch's, the same on every rank."""
         world = dist.get_world_size(self.group) if dist.is_available() and dist.is_initialized() else 1
         if world == 1:
             return slots, counts

@@ -3,8 +3,8 @@ the log of the slots SMFT selected at every step (``train.log_selected_slots``).
 
 A forward hook on each memory layer records the slots every training forward (grad enabled) read;
 eval forwards (no grad) are skipped and padding is excluded. At each log step,
-:meth:`MemoryUsage.log` all-reduces the window (under row-wise sharding every rank saw only its own
-batch) and logs, per value table:
+:meth:`MemoryUsage.log` merges each recorded forward over the ranks with the slot-count service's
+sparse exchange (under row-wise sharding every rank saw only its own batch) and logs, per value table:
 
 * ``read_fraction``: fraction of the table's slots read at least once in the window (dead slots
   show as a fraction well below 1 after long training);
@@ -22,12 +22,12 @@ import math
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from smft_dist.metrics import MetricLogger
 from smft_dist.model.memory import MemoryLayer
 from smft_dist.smft.selection import RowSelector
+from smft_dist.smft.slot_counts import SlotCounter, local_counts
 
 
 def usage_stats(counts: torch.Tensor, slots_per_forward: torch.Tensor) -> dict[str, float]:
@@ -46,12 +46,15 @@ def usage_stats(counts: torch.Tensor, slots_per_forward: torch.Tensor) -> dict[s
 
 
 class MemoryUsage:
-    """Records the slots read by ``layers`` in training forwards until the next :meth:`log`."""
+    """Records the slots read by ``layers`` in training forwards until the next :meth:`log`.
+
+    A forward keeps only its (slot, count) pairs (``unique``: the cost grows with the batch, not with
+    N); the window becomes a dense [N] count once per log step."""
 
     def __init__(self, layers: list[MemoryLayer]):
         self.num_slots = {layer.table_name: layer.cfg.num_slots for layer in layers}
-        self.counts: dict[str, torch.Tensor] = {}  # table -> int64 [N] reads in the window (this rank)
-        self.reads: dict[str, list[torch.Tensor]] = {name: [] for name in self.num_slots}  # distinct ids per forward
+        self.reads: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {name: [] for name in self.num_slots}
+        self.counter = SlotCounter()
         self.hooks = [layer.register_forward_hook(self._record) for layer in layers]
 
     def _record(self, layer: nn.Module, args: object, output: object) -> None:
@@ -59,32 +62,23 @@ class MemoryUsage:
         if not torch.is_grad_enabled() or layer.last_access is None:
             return
         indices, valid = layer.last_access
-        idx = (indices if valid is None else indices[valid]).flatten().detach()
-        name = layer.table_name
-        counts = torch.bincount(idx, minlength=self.num_slots[name])
-        self.counts[name] = counts if name not in self.counts else self.counts[name] + counts
-        self.reads[name].append(counts.nonzero().flatten())
+        self.reads[layer.table_name].append(local_counts([indices if valid is None else indices[valid]]))
 
     def summary(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """(scalars ``<table>/<figure>``, histograms ``<table>/access_counts``) of the window, the
-        same on every rank (a collective when distributed); resets the window."""
+        same on every rank (a collective per recorded forward when distributed: every rank records
+        the same number of training forwards); resets the window."""
         scalars: dict[str, float] = {}
         hists: dict[str, torch.Tensor] = {}
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         for name, n in self.num_slots.items():
-            reads = self.reads[name]
-            counts = self.counts.get(name)
-            device = counts.device if counts is not None else torch.device("cpu")
-            counts = counts if counts is not None else torch.zeros(n, dtype=torch.int64)
-            read = torch.zeros(len(reads), n, dtype=torch.uint8, device=device)
-            for j, ids in enumerate(reads):
-                read[j, ids] = 1
-            if distributed:  # every rank records the same number of training forwards
-                dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-                dist.all_reduce(read, op=dist.ReduceOp.MAX)
-            scalars.update({f"{name}/{k}": v for k, v in usage_stats(counts, read.sum(1)).items()})
-            hists[f"{name}/access_counts"] = counts.cpu()
-        self.counts = {}
+            counts = torch.zeros(n, dtype=torch.int64)
+            distinct = []
+            for slots, local in self.reads[name]:
+                slots, total = self.counter.merge(slots, local)  # the global batch of that forward
+                counts.index_add_(0, slots.cpu(), total.cpu())
+                distinct.append(slots.numel())
+            scalars.update({f"{name}/{k}": v for k, v in usage_stats(counts, torch.tensor(distinct)).items()})
+            hists[f"{name}/access_counts"] = counts
         self.reads = {name: [] for name in self.num_slots}
         return scalars, hists
 
