@@ -55,7 +55,7 @@ def test_checks_run_once_per_table_or_always_when_debugging(monkeypatch):
 def _fused_step_and_guards(rank: int, world: int) -> None:
     init = torch.randn(9, 4, generator=torch.Generator().manual_seed(0))
     for optim in (SparseOptimConfig(), SparseOptimConfig(type="exact_rowwise_adagrad")):
-        table = ShardedValueTable("mem_values", init, optim, 0.5)  # built: the lr-only step was checked
+        table = ShardedValueTable("mem_values", init, optim, 0.5)
         before = table.local_weight().clone()
         table.set_lr(0.25)
         table.ebc.fused_optimizer.step()
@@ -69,6 +69,14 @@ def _fused_step_and_guards(rank: int, world: int) -> None:
     rows = torch.zeros(3, 4)
     with pytest.raises(TorchRecAssumptionError, match="lr-only step"):
         torchrec_guards.check_step_pushes_lr_only("t", Moves([rows], lr=1.0), rows)
+
+    # building a table asserts gradient division (its guard is called there, not only here)
+    comm_ops.GRADIENT_DIVISION, division = False, comm_ops.GRADIENT_DIVISION
+    try:
+        with pytest.raises(TorchRecAssumptionError, match="gradient division"):
+            ShardedValueTable("mem_values", init, SparseOptimConfig(), 0.5)
+    finally:
+        comm_ops.GRADIENT_DIVISION = division
 
     # a rebuild that no longer matches TorchRec's delivery fails on the first lookup, on every rank
     table = ShardedValueTable("mem_values", init, SparseOptimConfig(), 0.5)
