@@ -1,16 +1,20 @@
 """Paper-scale memory on CPU: per-rank peak memory against the table shard, SMFT step time against
 the number of slots, and row-wise lookup throughput per rank, all on 2 gloo ranks.
 
-    python -m benchmarks.scale            # N = 2^20 x 1024 (the paper's table), then 2^22 x 256
-    python -m benchmarks.scale --quick    # tiny sizes: checks that every phase runs
+    python -m benchmarks.scale                # N = 2^20 x 1024 (the paper's table), then 2^22 x 256
+    python -m benchmarks.scale --only steps   # one part: memory | steps | lookup
+    python -m benchmarks.scale --quick        # tiny sizes: checks that every phase runs
 
 Memory: every phase runs in a fresh pair of processes and reports the larger rank's peak resident
 set (``VmHWM``), once at the measured size and once at a tiny table (the baseline: libraries, dense
 model, runtime buffers): ``(peak - baseline) / shard`` is the memory a phase needs per byte of its
 table shard (1.0: the shard alone).
 Phases: pretrain and SMFT steps, ``train.init_from`` of a saved model and the HF export.
-Step time: SMFT (count, rank, deferred update) against memory_ft with the same batch at N = 2^16 .. 2^22,
-and the share of the step spent in the slot-count service (the exchange of the accessed slots).
+Step time: SMFT (count, rank, deferred update) against memory_ft with the same batch at N = 2^16 .. 2^22
+(default: the paper's SMFT batch, 64 sequences of 64 tokens over the 2 ranks), and the share of the
+SMFT step spent in the slot-count service: the service run alone on the reads of that step, between
+barriers, in the same run (``count share``), and timed inside the step (``in-step``: its collective
+also waits for the slower rank's forward and backward, rank skew that is not the service's cost).
 Lookup: a memory layer's forward + backward, tokens/s per rank on 2 row-wise ranks against one
 process with a local table (reuses ``benchmarks.sharded_lookup``).
 """
@@ -63,7 +67,8 @@ def _background(num_slots: int):
 
 
 def _batch(args, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.randint(0, 1024, (args.batch, args.seq), generator=torch.Generator().manual_seed(rank))
+    """This rank's rows of the global batch (``args.batch`` sequences over 2 ranks)."""
+    ids = torch.randint(0, 1024, (args.batch // 2, args.seq), generator=torch.Generator().manual_seed(rank))
     return ids, torch.ones_like(ids)
 
 
@@ -78,7 +83,7 @@ def _phase(rank: int, world: int, port: int, phase: str, args, n_log2: int, v_di
     torch.set_num_threads(1)
     _, device = init_distributed("gloo", DistEnv(rank, world, rank, "127.0.0.1", port, "bench"))
     method = {"pretrain": "pretrain", "smft": "smft", "memory_ft": "memory_ft"}.get(phase, "memory_ft")
-    saved = f"{args.saved}-{n_log2}"  # export writes the model init_from reads, per size
+    saved = f"{args.saved}-{n_log2}" if phase in ("export", "init_from") else None  # export writes what init_from reads
     job = _job(args, n_log2, v_dim, method, init_from=saved if phase == "init_from" else None)
     model = build_model(job) if phase == "init_from" else Transformer(job.model, build_value_tables=False)
     plan = apply_method(model, job.method, _background(job.model.memory.num_slots) if method == "smft" else None)
@@ -86,19 +91,23 @@ def _phase(rank: int, world: int, port: int, phase: str, args, n_log2: int, v_di
     result = {"shard_kib": par.tables[TABLE].local_weight().numel() * 4 // 1024}
     ids, mask = _batch(args, rank)
     if phase in ("pretrain", "smft", "memory_ft"):
-        selecting = [0.0]
-        for sel in par.row_selectors.values():  # the slot-count service: exchange of the accessed slots
-            sel.counter.global_counts = _timed(sel.counter.global_counts, selecting)
+        counting, reads, service = [0.0], {}, {}
+        for name, sel in par.row_selectors.items():  # the slot-count service, per table
+            service[name] = sel.counter.global_counts
+            sel.counter.global_counts = _timed(service[name], counting, reads, name)
         step = lambda: train_step(par, ids, mask, ids)  # noqa: E731
         step()
-        selecting[0] = 0.0
+        counting[0] = 0.0
         times = []
         for _ in range(args.repeats):
             dist.barrier()
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-        result.update(step_s=min(times), select_s=selecting[0] / args.repeats)
+        result.update(step_s=min(times), in_step_count_s=counting[0] / args.repeats)
+        if reads:  # the service alone on the last step's reads (every table), best of the repeats
+            alone = lambda: [service[n](reads[n]) for n in sorted(reads)]  # noqa: E731
+            result["count_s"] = min(_between_barriers(alone) for _ in range(args.repeats))
     elif phase == "export":
         export_hf(par, job.model, saved)
     result["peak_kib"] = _status_kib("VmHWM")
@@ -109,13 +118,22 @@ def _phase(rank: int, world: int, port: int, phase: str, args, n_log2: int, v_di
     os._exit(0)  # see tests/multiproc.py: skip C++ static destructors after FBGEMM CPU work
 
 
-def _timed(fn, total: list[float]):
-    def timed(*a):
+def _timed(fn, total: list[float], last: dict, name: str):
+    """``fn`` adding its wall time to ``total[0]`` and keeping its argument in ``last[name]``."""
+    def timed(reads):
+        last[name] = reads
         t0 = time.perf_counter()
-        out = fn(*a)
+        out = fn(reads)
         total[0] += time.perf_counter() - t0
         return out
     return timed
+
+
+def _between_barriers(fn) -> float:
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def run_phase(phase: str, args, n_log2: int, v_dim: int, world: int = 2) -> list[dict]:
@@ -140,14 +158,15 @@ def memory_table(args, n_log2: int, v_dim: int) -> None:
 
 
 def step_table(args, v_dim: int) -> None:
-    tokens = 2 * args.batch * args.seq
-    print(f"\nSMFT step vs memory_ft, same batch ({tokens} tokens over 2 ranks), v_dim {v_dim}, top-t {args.top_t}")
-    print(f"{'N':>6}{'memory_ft s':>13}{'smft s':>9}{'smft/memory_ft':>16}{'count share':>17}")
+    print(f"\nSMFT step vs memory_ft, same batch ({args.batch} x {args.seq} tokens over 2 ranks), dense dim {args.dim},"
+          f" v_dim {v_dim}, top-t {args.top_t}")
+    print(f"{'N':>6}{'memory_ft s':>13}{'smft s':>9}{'smft/memory_ft':>16}{'count ms':>10}{'count share':>13}{'in-step':>9}")
     for n_log2 in args.sweep:
         base = max(r["step_s"] for r in run_phase("memory_ft", args, n_log2, v_dim))
         smft = max(run_phase("smft", args, n_log2, v_dim), key=lambda r: r["step_s"])
         print(f"{'2^' + str(n_log2):>6}{base:>13.4f}{smft['step_s']:>9.4f}{smft['step_s'] / base:>16.3f}"
-              f"{smft['select_s'] / smft['step_s']:>17.1%}")
+              f"{smft['count_s'] * 1e3:>10.2f}{smft['count_s'] / smft['step_s']:>13.1%}"
+              f"{smft['in_step_count_s'] / smft['step_s']:>9.1%}")
 
 
 def lookup_table(args) -> None:
@@ -168,23 +187,27 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes (a check that every phase runs)")
     p.add_argument("--dim", type=int, default=256, help="dense model dim")
-    p.add_argument("--batch", type=int, default=4, help="sequences per rank")
+    p.add_argument("--only", choices=("memory", "steps", "lookup"), help="run one part")
+    p.add_argument("--batch", type=int, default=64, help="sequences per step over both ranks (paper: 64 paraphrases)")
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--top-t", type=int, default=500)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tokens", type=int, default=1024, help="lookup benchmark: tokens per rank")
     args = p.parse_args()
     if args.quick:
-        args.dim, args.batch, args.seq, args.repeats, args.top_t = 64, 2, 16, 2, 50
+        args.dim, args.batch, args.seq, args.repeats, args.top_t = 64, 4, 16, 2, 50
         memory_sizes, args.sweep, args.lookup_n_log2, args.lookup_dim, sweep_v_dim = [(12, 64)], [10, 12], 12, 64, 64
     else:
         memory_sizes, args.sweep, args.lookup_n_log2, args.lookup_dim, sweep_v_dim = [(20, 1024), (22, 256)], [16, 18, 20, 22], 20, 256, 256
-    with tempfile.TemporaryDirectory() as tmp:
-        args.saved = os.path.join(tmp, "hf")
-        for n_log2, v_dim in memory_sizes:
-            memory_table(args, n_log2, v_dim)
-    step_table(args, sweep_v_dim)
-    lookup_table(args)
+    if args.only in (None, "memory"):
+        with tempfile.TemporaryDirectory() as tmp:
+            args.saved = os.path.join(tmp, "hf")
+            for n_log2, v_dim in memory_sizes:
+                memory_table(args, n_log2, v_dim)
+    if args.only in (None, "steps"):
+        step_table(args, sweep_v_dim)
+    if args.only in (None, "lookup"):
+        lookup_table(args)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,7 @@ def collect(cfg: JobConfig, num_batches: int) -> BackgroundStats:
         par.model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         accessed = {name: torch.zeros_like(df) for name, df in stats.df.items()}
         for layer in layers:  # layers sharing a pool add up
-            access = layer.last_access
-            slots, counts = SlotCounter().global_counts([access.indices if access.valid is None else access.indices[access.valid]])
+            slots, counts = SlotCounter().global_counts([layer.last_access.slots()])
             accessed[layer.table_name].index_add_(0, slots.cpu(), counts.cpu())
         stats.add_batch(accessed)
     return stats

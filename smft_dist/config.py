@@ -88,7 +88,7 @@ class ModelConfig:
             _require(0 <= i < self.n_layers, "model.memory.layers", f"layer {i} is out of range [0, {self.n_layers})")
         _require(len(set(m.layers)) == len(m.layers), "model.memory.layers", f"duplicate layer in {m.layers}")
         if m.layers:
-            _require(m.n_keys > 0, "model.memory.n_keys", "must be positive")
+            _require(0 < m.n_keys < 46341, "model.memory.n_keys", f"{m.n_keys} must be in [1, 46340] (slot ids are int32: N = n_keys^2 < 2^31)")
             _require(m.heads > 0, "model.memory.heads", "must be positive")
             _require(0 < m.topk <= m.n_keys, "model.memory.topk", f"k={m.topk} must be in [1, n_keys={m.n_keys}]")
             _require(m.k_dim > 0 and m.k_dim % 2 == 0, "model.memory.k_dim", f"{m.k_dim} must be positive and even")

@@ -25,6 +25,7 @@ def test_yaml_and_overrides(tmp_path):
         (["model.dimm=3"], "model.dimm"),
         (["model.dim=abc"], "model.dim"),
         (["model.memory.layers=[0]", "model.memory.k_dim=7"], "model.memory.k_dim"),
+        (["model.memory.layers=[0]", "model.memory.n_keys=46341"], "model.memory.n_keys"),
     ],
 )
 def test_bad_config_names_the_field(overrides, field):

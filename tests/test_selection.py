@@ -6,6 +6,7 @@ import torch
 
 from smft_dist.config import MemoryConfig, ModelConfig
 from smft_dist.model import Transformer, lm_loss
+from smft_dist.model.memory import MemoryAccess
 from smft_dist.smft.background import BackgroundStats
 from smft_dist.smft.selection import RowSelector, apply_sparse_updates, background_log_q, idf, kl_scores, select_top_t
 from smft_dist.smft.slot_counts import SlotCounter, local_counts
@@ -46,8 +47,13 @@ def test_select_top_t_rankings_and_ties():
 
 def test_counts_exclude_padding():
     idx = torch.tensor([[0, 1], [1, 2], [3, 3]])
-    slots, counts = local_counts([idx[torch.tensor([True, True, False])]])
-    assert slots.tolist() == [0, 1, 2] and counts.tolist() == [1, 2, 1]
+    access = MemoryAccess(idx, torch.tensor([True, True, False]))
+    assert access.slots().tolist() == [[0, 1], [1, 2], [-1, -1]]
+    for reads in ([access.slots()], [idx[:2]], [access.slots(), torch.tensor([-1, -1])]):
+        slots, counts = local_counts(reads)
+        assert slots.tolist() == [0, 1, 2] and counts.tolist() == [1, 2, 1]
+        single = SlotCounter().global_counts(reads)  # one process: the exchange is the local count
+        assert torch.equal(single[0], slots) and torch.equal(single[1], counts)
 
 
 def test_background_stats_round_trip(tmp_path):
@@ -94,14 +100,17 @@ def test_smft_step_moves_only_top_t_rows():
 
 
 def _reads(world: int) -> list[list[torch.Tensor]]:
-    """Per rank, two lookups' slot reads over 40 slots: ties in the counts, a padded (dropped) part,
-    and a rank that reads slots no other rank reads, so the ranks' lists differ in length."""
+    """Per rank, two lookups' slot reads over 40 slots, the same shapes on every rank: ties in the
+    counts, padded tokens (-1, dropped), and a rank that reads slots no other rank reads, so the
+    ranks read different numbers of entries."""
     g = torch.Generator().manual_seed(0)
     reads = []
     for r in range(world):
         idx = torch.randint(0, 12, (6, 4), generator=g) + 10 * r
         valid = torch.rand(6, generator=g) > 0.3
-        reads.append([idx[valid].flatten(), torch.tensor([3, 3, 7, 7, 39][: 2 + 3 * r])])
+        extra = torch.tensor([3, 3, 7, 7, 39])
+        extra[2 + 3 * r :] = -1
+        reads.append([MemoryAccess(idx, valid).slots(), extra])
     return reads
 
 
@@ -116,7 +125,8 @@ def _sparse_counts(rank: int, world: int, reads: list[list[torch.Tensor]]):
 def test_sparse_count_exchange_equals_dense_counts():
     for world in (1, 2):
         reads = _reads(world)
-        dense = sum(torch.bincount(r, minlength=40) for rank in reads for r in rank)
+        dense = sum(torch.bincount(r[r >= 0], minlength=40) for rank in reads for r in rank)
+        assert all(r.eq(-1).any() for rank in reads for r in rank[:1]), "every rank has padding"
         assert len(set(dense[dense > 0].tolist())) < int((dense > 0).sum()), "the counts have ties"
         results = run_ranks(_sparse_counts, world, reads)
         for slots, counts, selected in results:

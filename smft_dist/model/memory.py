@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smft_dist.config import MemoryConfig
-from smft_dist.model.value_table import ValueTable
+from smft_dist.model.value_table import ValueTable, read_slots
 
 class MemoryAccess(NamedTuple):
     """The slots one forward read: ``indices`` [T, heads*k] and ``valid`` [T] (False = padding;
@@ -24,6 +24,10 @@ class MemoryAccess(NamedTuple):
 
     indices: torch.Tensor
     valid: torch.Tensor | None
+
+    def slots(self) -> torch.Tensor:
+        """``indices`` with -1 at padded tokens (the slot-count service's input)."""
+        return read_slots(self.indices, None if self.valid is None else self.valid[:, None].expand_as(self.indices))
 
 
 def product_key_topk(query: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

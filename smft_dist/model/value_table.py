@@ -79,8 +79,9 @@ class ValueTable(nn.Module, abc.ABC):
         return pooled.to(weights.dtype)
 
     def pending_slots(self) -> list[torch.Tensor]:
-        """The slots each pending lookup read (flat, padding excluded), for slot counting."""
-        return [p.indices.flatten() if p.keep is None else p.indices[p.keep] for p in self.pending]
+        """The slots each pending lookup read, for slot counting: its indices, -1 where nothing was
+        read (padding), so the shapes follow the batch shape and not the data."""
+        return [read_slots(p.indices, p.keep) for p in self.pending]
 
     def update_rows(self, rows: torch.Tensor | None) -> None:
         """Apply every pending lookup's gradient to ``rows`` (slot ids; None = every row read) only,
@@ -96,6 +97,12 @@ class ValueTable(nn.Module, abc.ABC):
                 k &= p.keep
         grad = torch.cat([p.pooled.grad if p.pooled.grad is not None else torch.zeros_like(p.pooled) for p in pending])
         self.step_rows(indices, torch.cat([p.weights for p in pending]), keep, grad)
+
+
+def read_slots(indices: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``indices`` with -1 at the entries outside ``keep`` (None = every entry was read): the slot
+    ids as the slot-count service takes them, padding marked rather than dropped."""
+    return indices if keep is None else indices.masked_fill(~keep, -1)
 
 
 def init_values_(weight: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

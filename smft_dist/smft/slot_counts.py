@@ -1,23 +1,47 @@
-"""The slot-count service: the slots a global batch read, and how often, exchanged sparsely.
+"""The slot-count service: the slots a global batch read, and how often.
 
 c(i) is how often slot i was read in the *global* batch, over every token, head and lookup, padding
-excluded. Each rank reduces its reads to (slot, count) pairs with ``unique``, the ranks all-gather
-those pairs (int32, padded to the longest list), and every rank sums them with ``unique`` again: the
-same sorted slots and counts on every rank, so every rank derives the same top-t set. Nothing is
-sized by the number of slots N: the cost grows with the batch.
+excluded. Each rank passes its reads as fixed-shape slot-id tensors with ``-1`` (any negative id)
+where nothing was read (padding), so every rank holds the same number of entries (the batch shape
+is the same on every rank: TorchRec's row-wise lookup requires it). One all-gather of those int32
+entries and one sort give every rank the same sorted slots and counts, so every rank derives the
+same top-t set. Nothing is sized by the number of slots N: the cost grows with the batch.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 
+def _world(group: dist.ProcessGroup | None) -> int:
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def _sorted(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (int32) in ascending order. On CPU through NumPy, whose SIMD sort is 4-6x torch's
+    CPU sort on int32 (torch 2.13, NumPy 2.4: 2.7 vs 17 ms for 2^19 values, one thread)."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.sort(values.numpy()))
+    return values.sort().values
+
+
+def count_sorted(reads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots int64 [m] ascending, counts int64 [m]) of a flat slot-id tensor; negative ids (padding)
+    are dropped. One int32 sort (twice as fast as int64) and a run-length count."""
+    ordered = _sorted(reads.to(torch.int32))
+    ordered = ordered[int(torch.searchsorted(ordered, 0)) :]  # padding sorts first
+    slots, counts = torch.unique_consecutive(ordered, return_counts=True)
+    return slots.long(), counts
+
+
 def local_counts(reads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(slots int64 [m] ascending, counts int64 [m]) of this rank's reads (flat slot-id tensors)."""
-    return torch.cat([r.flatten() for r in reads]).unique(return_counts=True)
+    """(slots int64 [m] ascending, counts int64 [m]) of this rank's reads (slot-id tensors, negative
+    ids are padding)."""
+    return count_sorted(torch.cat([r.flatten() for r in reads]))
 
 
 class SlotCounter:
@@ -28,12 +52,21 @@ class SlotCounter:
 
     def global_counts(self, reads: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(slots int64 [m] ascending, counts int64 [m]): every slot the global batch read, and how
-        often. ``reads``: this rank's flat slot ids (padding already dropped), any number of lookups."""
-        return self.merge(*local_counts(reads))
+        often, the same on every rank. ``reads``: this rank's slot ids, any number of lookups, ``-1``
+        where nothing was read; collective: every rank passes the same total number of entries."""
+        flat = torch.cat([r.flatten() for r in reads]).to(torch.int32)
+        world = _world(self.group)
+        if world > 1:
+            every = flat.new_empty(world * flat.numel())
+            dist.all_gather_into_tensor(every, flat, group=self.group)
+            flat = every
+        return count_sorted(flat)
 
     def merge(self, slots: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's (slots ascending, counts) -> the global batch's, the same on every rank."""
-        world = dist.get_world_size(self.group) if dist.is_available() and dist.is_initialized() else 1
+        """This rank's (slots ascending, counts), of any length -> the global batch's, the same on
+        every rank. Two collectives (the lengths, then the pairs padded to the longest): for pairs
+        kept compactly over many forwards (memory usage), not for the per-step service."""
+        world = _world(self.group)
         if world == 1:
             return slots, counts
         size = torch.tensor([slots.numel()], device=slots.device)

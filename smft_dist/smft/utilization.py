@@ -61,8 +61,7 @@ class MemoryUsage:
         # eval runs without grad; layer.training is no guide (from_pretrained leaves eval mode on)
         if not torch.is_grad_enabled() or layer.last_access is None:
             return
-        indices, valid = layer.last_access
-        self.reads[layer.table_name].append(local_counts([indices if valid is None else indices[valid]]))
+        self.reads[layer.table_name].append(local_counts([layer.last_access.slots()]))
 
     def summary(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         """(scalars ``<table>/<figure>``, histograms ``<table>/access_counts``) of the window, the
