@@ -308,3 +308,55 @@ def _nonfinite_grad(rank: int, world: int) -> str:
 def test_nonfinite_gradient_stops_even_under_skip():
     lines = run_ranks(_nonfinite_grad, 2)
     assert lines[0] == lines[1] and lines[0].startswith("step 5: non-finite dense gradient norm"), lines
+
+
+def _guarded_rows(rank: int, world: int, method: str, sparse_optim: str) -> tuple:
+    """Two logged steps under the guard: the norm it reports against the change of the gathered
+    tables, the largest copy of table rows it made, and the error of a NaN row update."""
+    from smft_dist.distributed.nonfinite import NonFiniteError, NonFiniteGuard
+    from smft_dist.distributed.parallelize import train_step
+    from tests.distributed_helpers import B, batch, build, rank_slice, tiny_job
+
+    _, par = build(tiny_job(method, sparse_optim))
+    guard = NonFiniteGuard(par, "fail")
+    table = par.tables["mem_values_1"]
+    copied, clone = [0], torch.Tensor.clone
+
+    def counting_clone(t, *a, **k):  # the guard's full-shard copy is a clone of the shard
+        copied[0] = max(copied[0], t.numel())
+        return clone(t, *a, **k)
+
+    norms = []
+    for step in range(2):
+        ids, mask, labels = (rank_slice(t, rank, world, world * B) for t in batch(world * B, step))
+        full_before = table.full_weight()
+        torch.Tensor.clone = counting_clone
+        try:
+            guard.step(step + 1, lambda: train_step(par, ids, mask, labels), measure_rows=True)
+        finally:
+            torch.Tensor.clone = clone
+        norms.append((guard.row_update_norms["mem_values_1"], float((table.full_weight() - full_before).norm())))
+    table.set_lr(float("nan"))
+    ids, mask, labels = (rank_slice(t, rank, world, world * B) for t in batch(world * B, 2))
+    try:
+        guard.step(3, lambda: train_step(par, ids, mask, labels), measure_rows=True)
+        error = ""
+    except NonFiniteError as e:
+        error = str(e)
+    return norms, copied[0], table.local_weight().numel(), error
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("method,sparse_optim", [("smft", "exact_sgd"), ("memory_ft", "exact_rowwise_adagrad"),
+                                                  ("pretrain", "exact_sgd")])
+def test_row_guard_copies_only_the_rows_a_deferred_update_trains(method, sparse_optim):
+    for world in (1, 2):
+        for norms, copied, shard, error in run_ranks(_guarded_rows, world, method, sparse_optim):
+            for measured, reference in norms:
+                assert reference > 0
+                torch.testing.assert_close(measured, reference, rtol=1e-5, atol=1e-6)
+            if method == "pretrain":  # rows update inside the backward: the shard is copied
+                assert copied == shard
+            else:
+                assert copied < shard, f"{method}: the guard copied {copied} of the shard's {shard} values"
+            assert error == "step 3: non-finite value rows in table mem_values_1; lower method.value_lr", error

@@ -11,7 +11,11 @@ Where each check sits, and why ``train.on_nonfinite=skip`` covers non-finite *lo
   backward). By then the backward has already stepped the value rows, so the update cannot be
   withdrawn: the run always stops.
 * value rows: :class:`NonFiniteGuard` snapshots each rank's rows before a logged step and reports the
-  norm of their change (``row_update_norm/<table>``); a non-finite change stops the run.
+  norm of their change (``row_update_norm/<table>``); a non-finite change stops the run. Under
+  deferred updates (smft, memory_ft) it copies only the rows the step updates, taken just before the
+  update (O(rows trained), not O(shard)); where rows update inside the backward (pretraining, full
+  finetuning) or under a torch AdamW (its moments move rows the step did not read) the rows that
+  change are not known beforehand, and it copies the rank's shard.
 """
 
 from __future__ import annotations
@@ -66,7 +70,16 @@ class NonFiniteGuard:
     def step(self, step: int, run: Callable[[], float], measure_rows: bool = False) -> float | None:
         """``run()`` (one train step, numbered ``step``); None when it was skipped."""
         tables = self.par.tables if self.par.values_train else {}
-        before = {n: t.local_weight().detach().clone() for n, t in tables.items()} if measure_rows else {}
+        # table -> (local row offsets, None = the whole shard; their values before the step)
+        before: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        if measure_rows:
+            for n, t in tables.items():
+                if _updates_only_selected_rows(t):  # filled just before the update; no update: no change
+                    w = t.local_weight()
+                    before[n] = (torch.empty(0, dtype=torch.long, device=w.device), w.new_empty(0, t.dim))
+                else:
+                    before[n] = (None, t.local_weight().detach().clone())
+            self.par.before_row_update = lambda n, rows: before.__setitem__(n, _rows_before(tables[n], rows))
         try:
             loss = run()
         except NonFiniteError as e:
@@ -76,8 +89,10 @@ class NonFiniteGuard:
             self.par.discard_step()  # its lookups must not count in the next step's selection
             self.skipped += 1
             loss = None
+        finally:
+            self.par.before_row_update = None
         if before:
-            self.row_update_norms = {n: _update_norm(tables[n], rows) for n, rows in before.items()}
+            self.row_update_norms = {n: _update_norm(tables[n], *snapshot) for n, snapshot in sorted(before.items())}
             bad = sorted(n for n, v in self.row_update_norms.items() if not math.isfinite(v))
             if bad:
                 raise NonFiniteError(f"step {step}: non-finite value rows in table {bad[0]}; lower method.value_lr")
@@ -90,9 +105,23 @@ class NonFiniteGuard:
         return out
 
 
-def _update_norm(table, before: torch.Tensor) -> float:
-    """L2 norm of the change of the whole table (row-wise shards summed over the table's group)."""
-    sq = (table.local_weight().detach().float() - before.float()).pow(2).sum()
+def _updates_only_selected_rows(table) -> bool:
+    """Whether a step changes only the rows its deferred update selects: a fused FBGEMM optimizer or
+    a plain SGD steps the looked-up rows alone."""
+    return table.deferred_rows and (table.row_optimizer is None or type(table.row_optimizer) is torch.optim.SGD)
+
+
+def _rows_before(table, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(offsets, values) of this rank's share of ``rows`` (global ids), copied before they update."""
+    local = table.local_rows(rows.to(table.local_weight().device))
+    return local, table.local_weight().detach().index_select(0, local)
+
+
+def _update_norm(table, local: torch.Tensor | None, before: torch.Tensor) -> float:
+    """L2 norm of the change of the table (row-wise shards summed over the table's group), from the
+    values ``before`` of the rows at ``local`` (None: the whole shard); no other row changed."""
+    now = table.local_weight().detach()
+    sq = ((now if local is None else now.index_select(0, local)).float() - before.float()).pow(2).sum()
     if table.placement == "row_wise":
         dist.all_reduce(sq, group=table.group)
     return float(sq.sqrt())

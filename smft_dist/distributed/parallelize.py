@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import deepspeed
 import torch
@@ -33,13 +34,14 @@ class Parallel:
     values_train: bool = True  # False (lora): rows stay at lr 0 whatever value_lr a step passes
     grad_accum_steps: int = 1  # micro-batches per optimizer step (DeepSpeed's own count when there is an engine)
     row_selectors: dict[str, RowSelector] = field(default_factory=dict)  # smft / memory_ft: deferred row updates
+    before_row_update: Callable[[str, torch.Tensor], None] | None = None  # sees deferred updates' rows (NonFiniteGuard)
 
     def step_values(self) -> None:
         """End of an optimizer step's window, after its last backward: the one place where value rows
         update outside the backward pass. smft / memory_ft: each table's rows selected from every
         lookup of the window (all layers, all micro-batches) update once; torch row optimizers step
         (fused ones already stepped inside the backward)."""
-        apply_sparse_updates(self.tables, self.row_selectors)
+        apply_sparse_updates(self.tables, self.row_selectors, self.before_row_update)
         for table in self.tables.values():
             table.step()
 

@@ -211,6 +211,14 @@ class ShardedValueTable(ValueTable):
         shards = self.ebc.state_dict()[self.weight_key].local_shards()
         return shards[0].tensor if shards else torch.empty(0, self.dim)
 
+    def local_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Offsets into :meth:`local_weight` of the global ``rows`` this rank holds."""
+        if self.placement == "data_parallel":
+            return rows
+        rank = dist.get_rank(self.group)
+        lo, n = self.row_offsets[rank], self.row_counts[rank]
+        return rows[(rows >= lo) & (rows < lo + n)] - lo
+
     def full_weight(self) -> torch.Tensor:
         local = self.local_weight().detach()
         if self.placement == "data_parallel":

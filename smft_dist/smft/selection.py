@@ -103,12 +103,20 @@ class RowSelector:
         return self.selected
 
 
-def apply_sparse_updates(tables: Mapping[str, ValueTable], selectors: Mapping[str, RowSelector]) -> None:
+def apply_sparse_updates(
+    tables: Mapping[str, ValueTable],
+    selectors: Mapping[str, RowSelector],
+    before_update: Callable[[str, torch.Tensor], None] | None = None,
+) -> None:
     """End of an optimizer step (after its last backward): select each table's rows from every
-    lookup since the last call and update them once. Same table order on every rank."""
+    lookup since the last call and update them once. Same table order on every rank.
+    ``before_update(table name, rows)``, if given, sees the rows (global ids, the same on every rank;
+    under ranking 'all' every slot the global batch read) just before they change."""
     for name in sorted(selectors):
         table = tables[name]
         reads = table.pending_slots()
         if reads:
             selected = selectors[name](reads)
+            if before_update is not None:
+                before_update(name, selected)
             table.update_rows(None if selectors[name].ranking == "all" else selected)
