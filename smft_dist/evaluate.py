@@ -3,8 +3,11 @@
     python -m smft_dist.evaluate --config configs/tiny.yaml --model runs/x/hf [--step N]
         [--out DIR] [key=value ...]
 
-The model is loaded whole (local value tables) on every rank; under torchrun / SLURM every rank
-evaluates a disjoint shard of each task. Rank 0 prints the results and, with ``--out``, logs them
+A memory model (``save_pretrained`` of this project) loads as ``train.init_from`` does: the dense
+weights on every rank, each rank only its own rows of the value tables (row-sharded, as in
+training); under torchrun / SLURM the ranks split each task's examples and run equal-shaped batches
+in lockstep. Any other causal LM (``AutoModelForCausalLM``) loads whole on every rank, each rank
+evaluating a disjoint shard of each task. Rank 0 prints the results and, with ``--out``, logs them
 as a training run does (``DIR/metrics.jsonl``, ``DIR/tensorboard``).
 """
 
@@ -23,8 +26,13 @@ import smft_dist.model  # noqa: F401  (registers smft_memory with the Auto* clas
 from smft_dist.config import ConfigError, load_config
 from smft_dist.data import DataError, load_tokenizer
 from smft_dist.distributed.env import init_distributed
+from smft_dist.distributed.parallelize import parallelize
 from smft_dist.eval.runner import run_eval
 from smft_dist.metrics import MetricLogger
+from smft_dist.model.hf import SMFTConfig
+from smft_dist.model.saved import load_dense
+from smft_dist.smft.methods import MethodPlan
+from smft_dist.train import evaluate as evaluate_parallel
 
 # Bad input (config, model directory, data): one line naming it, no traceback.
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
@@ -56,12 +64,19 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
     cfg = load_config(args.config, args.overrides)
     if not (Path(args.model) / "config.json").is_file():
         raise ConfigError(f"--model: {args.model} is not a save_pretrained directory (no config.json)")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1:
-        _, device = init_distributed(cfg.distributed.backend)
-    model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
     tokenizer = load_tokenizer(args.tokenizer or cfg.data.tokenizer or args.model)
-    results = run_eval(model, tokenizer, cfg.eval, cache_dir=cfg.data.cache_dir)
+    if json.loads((Path(args.model) / "config.json").read_text()).get("model_type") == SMFTConfig.model_type:
+        _, device = init_distributed(cfg.distributed.backend)  # a group of one when not launched
+        model = load_dense(args.model)  # the value tables stay unbound: parallelize reads each rank's rows
+        cfg.model, cfg.train.init_from = model.cfg, args.model
+        par = parallelize(model, cfg, MethodPlan("evaluate", [], False, {}), device)
+        results = evaluate_parallel(par, tokenizer, cfg)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1:
+            _, device = init_distributed(cfg.distributed.backend)
+        model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
+        results = run_eval(model, tokenizer, cfg.eval, cache_dir=cfg.data.cache_dir)
     is_main = not dist.is_initialized() or dist.get_rank() == 0
     if args.out:
         logger = MetricLogger(args.out, is_main)

@@ -77,3 +77,49 @@ def test_bad_input_is_one_line_naming_it(tmp_path, case):
         evaluate.main(["--tokenizer", str(tmp_path / "tok"), *args, f"data.cache_dir={tmp_path / 'cache'}"])
     message = str(e.value)
     assert message.startswith("smft_dist.evaluate: ") and named in message and "\n" not in message
+
+
+def _evaluate_memory_model(rank: int, world: int, tmp_path) -> tuple[dict[str, float], list[tuple[int, int]]]:
+    """evaluate on this rank; the value-table row ranges it read from the saved model."""
+    from smft_dist.model.value_table import SavedRows
+
+    read, rows = [], SavedRows.rows
+
+    def recording(self, lo, hi):
+        read.append((lo, hi))
+        return rows(self, lo, hi)
+
+    SavedRows.rows = recording
+    tasks = (f"eval.tasks=[{{name: facts, kind: qa, source: {{path: {tmp_path / 'qa.jsonl'}, schema: nq_open}}}},"
+             f" {{name: held, kind: nll, seq_len: 8, source: {{path: {tmp_path / 'held.jsonl'}}}}}]")
+    args = evaluate.parse_args(["--model", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), tasks,
+                                "eval.batch_size=2", "eval.max_new_tokens=4", f"data.cache_dir={tmp_path / 'cache'}"])
+    return evaluate.evaluate(args), read
+
+
+@pytest.mark.multirank
+def test_evaluate_memory_model_on_two_ranks_equals_one_each_reading_its_rows(tmp_path):
+    from smft_dist.config import MemoryConfig, ModelConfig, to_dict
+    from smft_dist.model import SMFTConfig, SMFTForCausalLM
+    from tests.multiproc import run_ranks
+
+    texts = ["the river is wide", "seven stones lie north", "alpha beta gamma", "rome is in italy"]
+    train_tokenizer(texts * 4, 300, tmp_path / "tok")
+    cfg = ModelConfig(vocab_size=300, dim=16, n_layers=2, n_heads=2, max_seq_len=64,
+                      memory=MemoryConfig(layers=[1], n_keys=8, heads=2, topk=4, k_dim=8))
+    torch.manual_seed(0)
+    SMFTForCausalLM(SMFTConfig(model=to_dict(cfg))).save_pretrained(tmp_path / "model")
+    questions = [{"question": f"where is stone {i}", "answer": ["north"]} for i in range(5)]  # odd: a rank pads
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:3]))
+    (one, one_read), = run_ranks(_evaluate_memory_model, 1, tmp_path)
+    assert sorted(one) == ["facts/count", "facts/em", "facts/f1", "held/nll", "held/ppl", "held/tokens"]
+    assert sum(hi - lo for lo, hi in one_read) == 64
+    two = run_ranks(_evaluate_memory_model, 2, tmp_path)
+    for results, _ in two:
+        assert results.keys() == one.keys()
+        for key in one:
+            assert results[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+    (read0, read1) = (read for _, read in two)
+    assert sum(hi - lo for lo, hi in read0) == sum(hi - lo for lo, hi in read1) == 32, "each rank reads its half"
+    assert max(hi for _, hi in read0) <= min(lo for lo, _ in read1)
