@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from smft_dist.config import ConfigError, ModelConfig, load_config
 from smft_dist.data import DataError, build_stream, load_tokenizer
-from smft_dist.train import lr_multiplier
+from smft_dist.train import lr_multiplier, step_batches
 
 
 def llama_config(m: ModelConfig) -> LlamaConfig:
@@ -47,25 +47,21 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"user_model: {e}") from None
     m = cfg.method
     opt = torch.optim.AdamW(model.parameters(), lr=m.dense_lr, betas=tuple(m.betas), weight_decay=m.weight_decay)
-    step, t0 = 0, time.perf_counter()
-    while step < cfg.train.steps:
-        for batch in stream:
-            for group in opt.param_groups:
-                group["lr"] = m.dense_lr * lr_multiplier(step, cfg.train)
-            loss = model(**batch).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.distributed.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.distributed.grad_clip)
-            opt.step()
-            step += 1
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                print(f"user_model: step {step} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-            if step == cfg.train.steps:
-                break
+    t0 = time.perf_counter()
+    for step, batch in zip(range(1, cfg.train.steps + 1), step_batches(stream, 1)):
+        for group in opt.param_groups:
+            group["lr"] = m.dense_lr * lr_multiplier(step - 1, cfg.train)
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.distributed.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.distributed.grad_clip)
+        opt.step()
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            print(f"user_model: step {step} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     model.save_pretrained(cfg.train.out_dir)
     tokenizer.save_pretrained(cfg.train.out_dir)
-    print(f"user_model: LlamaForCausalLM, {sum(p.numel() for p in model.parameters()):,} parameters -> {cfg.train.out_dir}", flush=True)
+    print(f"user_model: LlamaForCausalLM, {model.num_parameters():,} parameters -> {cfg.train.out_dir}", flush=True)
 
 
 if __name__ == "__main__":
