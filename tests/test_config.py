@@ -53,7 +53,8 @@ def test_missing_config_file_is_one_clear_error(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-@pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.glob("configs/*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted([*Path(__file__).parent.parent.glob("configs/*.yaml"), *Path(__file__).parent.parent.glob("examples/*/*.yaml")]),
+                         ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert isinstance(cfg, JobConfig)
