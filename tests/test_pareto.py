@@ -50,11 +50,14 @@ def test_fuar_and_matched_learning():
     assert fuar(0.1, 0.0) is None  # nothing acquired: undefined (CKL's n.d.)
     results = [_result("full_ft", {"lr": 1}, 0, 0.60, 80), _result("full_ft", {"lr": 2}, 0, 0.30, 40),
                _result("smft", {"lr": 1}, 0, 0.57, 30), _result("smft", {"lr": 2}, 0, 0.64, 20), _result("smft", {"lr": 3}, 0, 0.50, 5),
-               _result("lora", {"lr": 1}, 0, 0.20, 10)]
+               _result("lora", {"lr": 1}, 0, 0.20, 10), _result("lora", {"lr": 2}, 0, 0.68, 50)]
     matched = matched_learning(summarize(results))
-    assert {m: p.params for m, p in matched.items()} == {"full_ft": {"lr": 1}, "smft": {"lr": 2}}  # lora never gets there
+    assert {m: p.params for m, p in matched.items()} == {"full_ft": {"lr": 1}, "smft": {"lr": 2}}  # lora (0.68) is 0.08 away
     table = markdown(summarize(results), BASE)
-    assert "smft: new F1 0.640, known F1 drop 20.0% (x0.25 of full_ft's)" in table
+    assert "smft (lr=2): new F1 0.640, known F1 drop 20.0% (x0.25 of full_ft's)" in table
+    lora_section = table[table.index("within 0.05 of lora's best, 0.680"):]
+    assert "smft (lr=2): new F1 0.640, known F1 drop 20.0% (x0.40 of lora's)" in lora_section
+    assert "full_ft (" not in lora_section  # full_ft's best (0.60) is 0.08 from lora's
     assert table.count("| smft |") == 2  # lr=2 and lr=3 are smft's front; lr=1 is dominated by lr=2
 
 
