@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from smft_dist.analysis.overlap import overlap_report, pearson, read_selection_log, record_of_steps
+import torch
+
+from smft_dist.analysis.overlap import facts_per_slot, overlap_report, pearson, read_selection_log, record_of_steps, restore_rows
 from smft_dist.data.streams import IndexedStream
 from tests.test_train import world  # noqa: F401  (a fixture)
 
@@ -44,6 +46,27 @@ def test_overlap_report_on_a_hand_built_log():
     assert r["f1_loss_vs_answer_slots_updated"] == pytest.approx(pearson([1, 0, 3], [0.5, 0.0, 1.0]))
     assert pearson([1, 0, 3], [0.5, 0.0, 1.0]) == pytest.approx(0.9820, abs=1e-4)
     assert pearson([1, 1], [0.0, 1.0]) is None
+
+
+def test_restoring_the_rows_shared_by_facts():
+    t = "mem_values_1"
+    trained = {1: {(t, 0), (t, 1)}, 2: {(t, 1), (t, 2)}, 3: {(t, 1), (t, 0)}}
+    fact_of_step = {1: 0, 2: 1, 3: 0}  # slot 0: fact 0 twice; slot 1: facts 0 and 1; slot 2: fact 1
+    assert facts_per_slot(trained, fact_of_step) == {(t, 0): 1, (t, 1): 2, (t, 2): 1}
+
+    class Model(torch.nn.Module):
+        def __init__(self, weight):
+            super().__init__()
+            self.value_tables = torch.nn.ModuleDict({t: torch.nn.Embedding(4, 2, _weight=weight.clone())})
+            self.dense = torch.nn.Linear(2, 2)
+
+    start = Model(torch.zeros(4, 2))
+    end = Model(torch.tensor([[3.0, 0.0], [0.0, 4.0], [0.0, 0.0], [1.0, 1.0]]))
+    dense_before = end.dense.weight.clone()
+    share = restore_rows(end, start, {(t, 1), ("other_table", 0)})
+    assert share == pytest.approx(4 / (9 + 16 + 2) ** 0.5)  # row 1's part of the update norm
+    assert torch.equal(end.value_tables[t].weight, torch.tensor([[3.0, 0.0], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]))
+    assert torch.equal(end.dense.weight, dense_before), "only value rows are put back"
 
 
 @pytest.mark.slow

@@ -9,7 +9,10 @@ slots: the slots the starting model's memory layers read at the positions that p
 tokens of ``qa_prompt`` + " " + answer. Reports the overlap distribution (how many of a known fact's
 answer slots were trained), how many times each trained slot was updated, and the correlation of a
 known fact's F1 loss (start vs end model, greedy answers) with the number of its answer slots
-updated. Writes ``RUN/overlap.json``.
+updated. ``--restore-shared K`` also puts the rows trained for >= K distinct new facts back to their
+starting values and reports known- and new-fact F1 of that model against the end model, with those
+rows' share of the update norm: do the shared rows carry the learning, the forgetting, or both?
+Writes ``RUN/overlap.json``.
 """
 
 from __future__ import annotations
@@ -95,7 +98,37 @@ def overlap_report(
     }
 
 
+def facts_per_slot(trained: dict[int, set[Slot]], fact_of_step: dict[int, int]) -> Counter[Slot]:
+    """Slot -> the number of distinct new facts it was trained for."""
+    facts: dict[Slot, set[int]] = defaultdict(set)
+    for step, slots in trained.items():
+        for slot in slots:
+            facts[slot].add(fact_of_step[step])
+    return Counter({slot: len(f) for slot, f in facts.items()})
+
+
 # ------------------------------------------------------------------------------- model side
+@torch.no_grad()
+def restore_rows(end, start, slots: set[Slot]) -> float:
+    """Put ``slots`` of ``end``'s value tables back to ``start``'s rows, in place; returns their share
+    of the whole update's norm (end - start over every table)."""
+    by_table: dict[str, list[int]] = defaultdict(list)
+    for table, row in slots:
+        by_table[table].append(row)
+    start_params = dict(start.named_parameters())
+    restored, total = 0.0, 0.0
+    for name, weight in end.named_parameters():
+        parts = name.split(".")
+        if "value_tables" not in parts[:-1]:
+            continue
+        table = parts[parts.index("value_tables") + 1]
+        delta = weight - start_params[name]
+        total += float(delta.square().sum())
+        rows = torch.tensor(by_table.get(table, []), dtype=torch.long)
+        restored += float(delta[rows].square().sum())
+        weight[rows] = start_params[name][rows]
+    return (restored / total) ** 0.5 if total > 0 else 0.0
+
 @torch.no_grad()
 def answer_slots(model, tokenizer, prompts: list[str], answers: list[str]) -> list[set[Slot]]:
     """Per (prompt, answer): the slots the memory layers read at the positions predicting the answer
@@ -127,7 +160,25 @@ def per_fact_f1(model, tokenizer, prompts: list[str], answers: list[list[str]], 
     return [token_f1(p, a) for p, a in zip(preds, answers)]
 
 
-def analyze(run: Path, max_known: int, known_task: str = "known_facts") -> dict:
+def _qa(cfg, task_name: str, max_examples: int | None = None) -> tuple[list[str], list[list[str]]]:
+    """(prompts, answers) of an eval task of the run's config."""
+    from smft_dist.data.sources import load_records
+
+    task = next((t for t in cfg.eval.tasks if t.name == task_name), None)
+    if task is None:
+        raise SystemExit(f"smft_dist.analysis.overlap: the run's config.yaml has no eval task {task_name!r}")
+    records = load_records(task.source, "qa", cfg.data.cache_dir)
+    if max_examples is not None:
+        records = records.select(range(min(max_examples, len(records))))
+    return [cfg.eval.qa_prompt.format(question=q) for q in records["question"]], records["answers"]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / max(len(values), 1)
+
+
+def analyze(run: Path, max_known: int, known_task: str = "known_facts", restore_shared: int | None = None,
+            new_task: str = "new_facts") -> dict:
     from transformers import AutoModelForCausalLM
 
     import smft_dist.model  # noqa: F401  (registers the Auto classes)
@@ -140,20 +191,27 @@ def analyze(run: Path, max_known: int, known_task: str = "known_facts") -> dict:
     stream = cfg.data.continual
     num_records = len(load_records(stream.source, stream.source.schema, cfg.data.cache_dir))
     fact_of_step = record_of_steps(sorted(trained), num_records, stream.shuffle, cfg.data.seed)
-    task = next((t for t in cfg.eval.tasks if t.name == known_task), None)
-    if task is None:
-        raise SystemExit(f"smft_dist.analysis.overlap: {run}/config.yaml has no eval task {known_task!r}")
-    src = task.source
-    records = load_records(src, "qa", cfg.data.cache_dir)
-    records = records.select(range(min(max_known, len(records))))
-    prompts = [cfg.eval.qa_prompt.format(question=q) for q in records["question"]]
+    prompts, answers = _qa(cfg, known_task, max_known)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     start = AutoModelForCausalLM.from_pretrained(cfg.train.init_from).eval()
     end = AutoModelForCausalLM.from_pretrained(str(run / "hf")).eval()
-    slots = answer_slots(start.model, tokenizer, prompts, [a[0] for a in records["answers"]])
-    before = per_fact_f1(start, tokenizer, prompts, records["answers"], cfg.eval.max_new_tokens)
-    after = per_fact_f1(end, tokenizer, prompts, records["answers"], cfg.eval.max_new_tokens)
-    return overlap_report(trained, fact_of_step, dict(enumerate(slots)), {i: b - a for i, (b, a) in enumerate(zip(before, after))})
+    slots = answer_slots(start.model, tokenizer, prompts, [a[0] for a in answers])
+    before = per_fact_f1(start, tokenizer, prompts, answers, cfg.eval.max_new_tokens)
+    after = per_fact_f1(end, tokenizer, prompts, answers, cfg.eval.max_new_tokens)
+    report = overlap_report(trained, fact_of_step, dict(enumerate(slots)), {i: b - a for i, (b, a) in enumerate(zip(before, after))})
+    if restore_shared is not None:
+        new_prompts, new_answers = _qa(cfg, new_task)
+        new_f1_end = _mean(per_fact_f1(end, tokenizer, new_prompts, new_answers, cfg.eval.max_new_tokens))
+        shared = {slot for slot, n in facts_per_slot(trained, fact_of_step).items() if n >= restore_shared}
+        norm_share = restore_rows(end, start, shared)
+        report["restore_shared"] = {
+            "min_facts": restore_shared, "rows": len(shared), "update_norm_share": norm_share,
+            "known_f1": {"start": _mean(before), "end": _mean(after),
+                         "restored": _mean(per_fact_f1(end, tokenizer, prompts, answers, cfg.eval.max_new_tokens))},
+            "new_f1": {"end": new_f1_end,
+                       "restored": _mean(per_fact_f1(end, tokenizer, new_prompts, new_answers, cfg.eval.max_new_tokens))},
+        }
+    return report
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -161,11 +219,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run", required=True, type=Path, help="an smft run directory made with train.log_selected_slots=true")
     p.add_argument("--max-known", type=int, default=256, help="known facts analysed (the first n of the eval task)")
     p.add_argument("--known-task", default="known_facts", help="eval task holding the known facts")
+    p.add_argument("--new-task", default="new_facts", help="eval task holding the new facts (with --restore-shared)")
+    p.add_argument("--restore-shared", type=int, default=None, metavar="K",
+                   help="also evaluate the end model with the rows trained for >= K new facts put back")
     args = p.parse_args(argv)
     for name in ("config.yaml", "selected_slots.jsonl", "hf/config.json"):
         if not (args.run / name).is_file():
             raise SystemExit(f"smft_dist.analysis.overlap: {args.run / name} not found (an smft run with train.log_selected_slots=true)")
-    report = analyze(args.run, args.max_known, args.known_task)
+    report = analyze(args.run, args.max_known, args.known_task, args.restore_shared, args.new_task)
     (args.run / "overlap.json").write_text(json.dumps(report, indent=1) + "\n")
     short = {k: v for k, v in report.items() if not k.startswith("answer_slots_updated")}
     print(json.dumps(short, indent=1))
