@@ -140,14 +140,14 @@ def train(cfg: JobConfig) -> dict[str, float]:
             par, batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["labels"].to(device),
             dense_lr=cfg.method.dense_lr * mult, value_lr=value_lr * mult), measure_rows=logged)
         progress["step"] = step
-        if slot_log is not None:
+        if slot_log is not None and loss is not None:  # a skipped step trained no rows
             slot_log.write(step, plan.selectors)
         tokens += int(batch["attention_mask"].sum()) * env.world_size  # host tensor: no device sync
         if logged:
             elapsed = time.perf_counter() - t0
             metrics = {"loss": math.nan if loss is None else loss.item(), "lr_mult": mult, "tokens_per_s": tokens / elapsed,
                        **guard.metrics()}
-            for name, sel in plan.selectors.items():
+            for name, sel in plan.selectors.items() if loss is not None else ():
                 metrics[f"rows_trained/{name}"] = float(sel.selected.numel())
                 metrics[f"slots_accessed/{name}"] = float(sel.slots.numel())
             logger.log(step, metrics)
