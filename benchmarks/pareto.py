@@ -301,30 +301,42 @@ def _fmt(stat: tuple[float, float], digits: int) -> str:
     return "n/a" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def _setting(p: Point) -> str:
+    return " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in p.params.items())
+
+
+def drop_ratio(p: Point, ref: Point) -> tuple[float, float]:
+    """p's known-fact drop over ref's, mean and std (the two seed stds propagated to first order)."""
+    (a, sa), (b, sb) = p.stats["known_drop_pct"], ref.stats["known_drop_pct"]
+    if p is ref:
+        return 1.0, 0.0
+    if b <= 0:
+        return math.nan, math.nan
+    r = a / b
+    return r, abs(r) * math.hypot(sa / a if a else 0.0, sb / b)
+
+
 def markdown(points: list[Point], base: dict) -> str:
-    """The front points of each method and the matched-learning comparison, as markdown."""
+    """Every point (those on their method's front marked), then the matched-learning comparisons."""
     lines = [f"Starting model: new-fact F1 {base['new_facts/f1']:.3f}, known-fact F1 {base['known_facts/f1']:.3f}, "
-             f"held-out NLL {base['heldout/nll']:.4f}. Mean ± std over seeds.", "",
-             "| method | setting | seeds | new F1 | known F1 drop % | held-out NLL Δ | FUAR | rows changed | trainable / step |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for method, front in fronts(points).items():
-        for p in front:
-            setting = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in p.params.items())
-            lines.append(f"| {method} | {setting} | {p.seeds} | {_fmt(p.stats['new_f1'], 3)} | {_fmt(p.stats['known_drop_pct'], 1)} | "
-                         f"{_fmt(p.stats['nll_delta'], 4)} | {_fmt(p.stats['fuar'], 2)} | {_fmt(p.stats['rows_changed'], 0)} | "
-                         f"{_fmt(p.stats['trainable_per_step'], 0)} |")
+             f"held-out NLL {base['heldout/nll']:.4f}. Mean ± std over seeds; front: on its method's Pareto front.", "",
+             "| method | setting | front | seeds | new F1 | known F1 drop % | held-out NLL Δ | FUAR | rows changed | trainable / step |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    on_front = {id(p) for front in fronts(points).values() for p in front}
+    for p in sorted(points, key=lambda p: p.method):
+        lines.append(f"| {p.method} | {_setting(p)} | {'yes' if id(p) in on_front else ''} | {p.seeds} | {_fmt(p.stats['new_f1'], 3)} | "
+                     f"{_fmt(p.stats['known_drop_pct'], 1)} | {_fmt(p.stats['nll_delta'], 4)} | {_fmt(p.stats['fuar'], 2)} | "
+                     f"{_fmt(p.stats['rows_changed'], 0)} | {_fmt(p.stats['trainable_per_step'], 0)} |")
     for reference in MATCH_REFERENCES:
         matched = matched_learning(points, reference)
         if not matched:
             continue
         ref = matched[reference]
-        ref_drop = ref.mean("known_drop_pct")
         lines += ["", f"Matched learning (new F1 within 0.05 of {reference}'s best, {ref.mean('new_f1'):.3f}):", ""]
         for method, p in matched.items():
-            ratio = f"x{p.mean('known_drop_pct') / ref_drop:.2f}" if ref_drop > 0 else "n/a"
-            setting = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in p.params.items())
-            lines.append(f"- {method} ({setting}): new F1 {p.mean('new_f1'):.3f}, known F1 drop {p.mean('known_drop_pct'):.1f}% "
-                         f"({ratio} of {reference}'s), held-out NLL Δ {p.mean('nll_delta'):+.4f}")
+            ratio = _fmt(drop_ratio(p, ref), 2)
+            lines.append(f"- {method} ({_setting(p)}): new F1 {p.mean('new_f1'):.3f}, known F1 drop {p.mean('known_drop_pct'):.1f}% "
+                         f"(× {ratio} of {reference}'s), held-out NLL Δ {p.mean('nll_delta'):+.4f}")
     return "\n".join(lines) + "\n"
 
 

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from benchmarks.pareto import (Grid, Run, expand, fronts, fuar, load_results, markdown, matched_learning, pareto_front, plot,
+from benchmarks.pareto import (Grid, Run, drop_ratio, expand, fronts, fuar, load_results, markdown, matched_learning, pareto_front, plot,
                                summarize, sweep)
 from tests.multiproc import run_ranks
 from tests.test_train import _job, _train, world  # noqa: F401  (world is a fixture)
@@ -54,11 +54,15 @@ def test_fuar_and_matched_learning():
     matched = matched_learning(summarize(results))
     assert {m: p.params for m, p in matched.items()} == {"full_ft": {"lr": 1}, "smft": {"lr": 2}}  # lora (0.68) is 0.08 away
     table = markdown(summarize(results), BASE)
-    assert "smft (lr=2): new F1 0.640, known F1 drop 20.0% (x0.25 of full_ft's)" in table
+    assert "smft (lr=2): new F1 0.640, known F1 drop 20.0% (× 0.25 ± 0.00 of full_ft's)" in table
     lora_section = table[table.index("within 0.05 of lora's best, 0.680"):]
-    assert "smft (lr=2): new F1 0.640, known F1 drop 20.0% (x0.40 of lora's)" in lora_section
+    assert "smft (lr=2): new F1 0.640, known F1 drop 20.0% (× 0.40 ± 0.00 of lora's)" in lora_section
     assert "full_ft (" not in lora_section  # full_ft's best (0.60) is 0.08 from lora's
-    assert table.count("| smft |") == 2  # lr=2 and lr=3 are smft's front; lr=1 is dominated by lr=2
+    assert table.count("| smft |") == 3 and table.count("| yes |") == 6  # every point listed; on the fronts:
+    assert "| smft | lr=1 |  |" in table and "| smft | lr=2 | yes |" in table  # smft lr=2, 3; full_ft and lora: both
+    ratio = drop_ratio(*[p for p in summarize([_result("smft", {}, 0, 0.5, 20), _result("smft", {}, 1, 0.5, 40),
+                                                _result("full_ft", {}, 0, 0.5, 60), _result("full_ft", {}, 1, 0.5, 60)])])
+    assert ratio == pytest.approx((0.5, 0.5 * math.sqrt(200) / 30))  # std 14.1 of mean 30; full_ft's std 0
 
 
 def test_sweep_appends_each_run_and_a_rerun_skips_finished(tmp_path):
