@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter, defaultdict
+from statistics import fmean
 from pathlib import Path
 
 import torch
@@ -160,21 +161,12 @@ def per_fact_f1(model, tokenizer, prompts: list[str], answers: list[list[str]], 
     return [token_f1(p, a) for p, a in zip(preds, answers)]
 
 
-def _qa(cfg, task_name: str, max_examples: int | None = None) -> tuple[list[str], list[list[str]]]:
-    """(prompts, answers) of an eval task of the run's config."""
-    from smft_dist.data.sources import load_records
-
-    task = next((t for t in cfg.eval.tasks if t.name == task_name), None)
+def _task(cfg, name: str):
+    """The run config's eval task called ``name``."""
+    task = next((t for t in cfg.eval.tasks if t.name == name), None)
     if task is None:
-        raise SystemExit(f"smft_dist.analysis.overlap: the run's config.yaml has no eval task {task_name!r}")
-    records = load_records(task.source, "qa", cfg.data.cache_dir)
-    if max_examples is not None:
-        records = records.select(range(min(max_examples, len(records))))
-    return [cfg.eval.qa_prompt.format(question=q) for q in records["question"]], records["answers"]
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / max(len(values), 1)
+        raise SystemExit(f"smft_dist.analysis.overlap: the run's config.yaml has no eval task {name!r}")
+    return task
 
 
 def analyze(run: Path, max_known: int, known_task: str = "known_facts", restore_shared: int | None = None,
@@ -185,13 +177,19 @@ def analyze(run: Path, max_known: int, known_task: str = "known_facts", restore_
     from smft_dist.config import load_config
     from smft_dist.data.sources import load_records
     from smft_dist.data.tokenizer import load_tokenizer
+    from smft_dist.eval.runner import run_task
 
     cfg = load_config(run / "config.yaml")
-    trained = read_selection_log(run / "selected_slots.jsonl")
     stream = cfg.data.continual
+    if cfg.train.stream != "continual" or cfg.distributed.grad_accum_steps != 1 or stream.source.schema not in ("facts", "documents"):
+        raise SystemExit("smft_dist.analysis.overlap: needs one record per step (train.stream=continual, a facts or documents "
+                         "schema, distributed.grad_accum_steps=1) to know which fact each step trained")
+    trained = read_selection_log(run / "selected_slots.jsonl")
     num_records = len(load_records(stream.source, stream.source.schema, cfg.data.cache_dir))
     fact_of_step = record_of_steps(sorted(trained), num_records, stream.shuffle, cfg.data.seed)
-    prompts, answers = _qa(cfg, known_task, max_known)
+    records = load_records(_task(cfg, known_task).source, "qa", cfg.data.cache_dir)
+    records = records.select(range(min(max_known, len(records))))
+    prompts, answers = [cfg.eval.qa_prompt.format(question=q) for q in records["question"]], records["answers"]
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     start = AutoModelForCausalLM.from_pretrained(cfg.train.init_from).eval()
     end = AutoModelForCausalLM.from_pretrained(str(run / "hf")).eval()
@@ -200,16 +198,15 @@ def analyze(run: Path, max_known: int, known_task: str = "known_facts", restore_
     after = per_fact_f1(end, tokenizer, prompts, answers, cfg.eval.max_new_tokens)
     report = overlap_report(trained, fact_of_step, dict(enumerate(slots)), {i: b - a for i, (b, a) in enumerate(zip(before, after))})
     if restore_shared is not None:
-        new_prompts, new_answers = _qa(cfg, new_task)
-        new_f1_end = _mean(per_fact_f1(end, tokenizer, new_prompts, new_answers, cfg.eval.max_new_tokens))
+        new_facts = _task(cfg, new_task)
+        new_f1_end = run_task(end, tokenizer, new_facts, cfg.eval, cfg.data.cache_dir)["f1"]
         shared = {slot for slot, n in facts_per_slot(trained, fact_of_step).items() if n >= restore_shared}
         norm_share = restore_rows(end, start, shared)
+        restored = per_fact_f1(end, tokenizer, prompts, answers, cfg.eval.max_new_tokens)
         report["restore_shared"] = {
             "min_facts": restore_shared, "rows": len(shared), "update_norm_share": norm_share,
-            "known_f1": {"start": _mean(before), "end": _mean(after),
-                         "restored": _mean(per_fact_f1(end, tokenizer, prompts, answers, cfg.eval.max_new_tokens))},
-            "new_f1": {"end": new_f1_end,
-                       "restored": _mean(per_fact_f1(end, tokenizer, new_prompts, new_answers, cfg.eval.max_new_tokens))},
+            "known_f1": {"start": fmean(before), "end": fmean(after), "restored": fmean(restored)},
+            "new_f1": {"end": new_f1_end, "restored": run_task(end, tokenizer, new_facts, cfg.eval, cfg.data.cache_dir)["f1"]},
         }
     return report
 
