@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--max-chars", type=int, default=400, help="longer rewrites are dropped")
+    p.add_argument("--max-chars", type=int, default=400, help="rewrites longer than this and than twice their source are dropped")
     p.add_argument("--rounds", type=int, default=2, help="generation rounds before templates fill the rest")
     p.add_argument("--chunk-words", type=int, default=120, help="documents: words per chunk at most")
     p.add_argument("--limit", type=int, default=None, help="stop after this many output lines")
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
             except (OSError, ValueError) as e:
                 raise ConfigError(f"--model: cannot load {args.model!r} ({str(e).strip().splitlines()[0]})") from None
         lines = augment(units, make_fact if facts else make_document, rewriter, cfg, args.out, args.limit)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, FileNotFoundError) as e:
         raise SystemExit(f"smft_dist.augment: {e}") from None
     print(f"augment: {lines} {args.kind} lines in {args.out} ({rewriter.name}, n={cfg.n})", flush=True)
 

@@ -32,10 +32,8 @@ from smft_dist.metrics import MetricLogger
 from smft_dist.model.hf import SMFTConfig
 from smft_dist.model.saved import load_dense
 from smft_dist.smft.methods import MethodPlan
+from smft_dist.train import USER_ERRORS
 from smft_dist.train import evaluate as evaluate_parallel
-
-# Bad input (config, model directory, data): one line naming it, no traceback.
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

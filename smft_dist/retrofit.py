@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"--tokenizer: cannot load a tokenizer from {args.tokenizer or args.model} ({str(e).splitlines()[0]})") from None
         torch.manual_seed(args.seed)
         model = retrofit(args.model, memory)
-    except (ConfigError, OSError) as e:
+    except (ConfigError, OSError, ValueError) as e:  # ValueError: transformers does not know the model_type
         raise SystemExit(f"smft_dist.retrofit: {str(e).strip().splitlines()[0]}") from None
-    model.save_pretrained(args.out, safe_serialization=True)
+    model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     cfg = model.config.to_model_config()
     print(f"retrofit: {args.model} -> {args.out}: memory {memory.placement} the FFN of layers {memory.layers}, "

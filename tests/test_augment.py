@@ -87,6 +87,15 @@ def test_documents_become_chunks_with_augmentations(chat_model, tmp_path):
     assert len(load_records(SourceConfig(path=str(out), schema="documents"), "documents")) == len(chunks)
 
 
+def test_a_chunk_longer_than_max_chars_still_gets_its_augmentations():
+    from smft_dist.data.augment import AugmentConfig, TemplateRewriter, fill
+
+    chunk = " ".join(f"Sentence number {i} of a long chunk says something." for i in range(12))
+    assert len(chunk) > 400
+    kept, from_templates = fill(chunk, "", TemplateRewriter(), AugmentConfig(n=4), seed=0)
+    assert len(kept) == 4 and all(len(k) <= 2 * len(chunk) for k in kept)
+
+
 def test_chunks_keep_whole_sentences_under_the_cap():
     text = DOCS[0]["text"]
     chunks = chunk_document(text, 12)

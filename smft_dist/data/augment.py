@@ -102,7 +102,7 @@ class AugmentConfig:
 
     n: int = 64  # paraphrases per fact / augmentations per chunk
     seed: int = 0
-    max_chars: int = 400  # longer candidates are dropped
+    max_chars: int = 400  # candidates longer than this and than twice their source are dropped
     rounds: int = 2  # generation rounds per unit before the templates fill the rest
     chunk_words: int = 120  # documents: chunk length cap in words (whole sentences)
 
@@ -121,10 +121,11 @@ def fill(text: str, prompt: str, rewriter: Rewriter, cfg: AugmentConfig, seed: i
     """``cfg.n`` distinct usable variants of ``text`` (fewer only if the templates run out) and how
     many of them the templates supplied."""
     seen, kept = {_key(text)}, []
+    limit = max(cfg.max_chars, 2 * len(text))  # a long chunk's augmentations are long too
 
     def take(candidates: list[str]) -> None:
         for c in map(clean, candidates):
-            if c and len(c) <= cfg.max_chars and _key(c) not in seen and len(kept) < cfg.n:
+            if c and len(c) <= limit and _key(c) not in seen and len(kept) < cfg.n:
                 seen.add(_key(c))
                 kept.append(c)
 
