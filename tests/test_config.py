@@ -60,6 +60,20 @@ def test_every_shipped_config_loads(path):
     assert isinstance(cfg, JobConfig)
 
 
+@pytest.mark.parametrize("grid", sorted(Path(__file__).parent.parent.glob("benchmarks/grids/*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_point_of_a_shipped_grid_is_a_valid_config(grid, quick):
+    from benchmarks.pareto import expand, load_grid, train_args
+
+    spec = load_grid(grid, quick)
+    runs = expand(spec)
+    assert runs and len({r.key for r in runs}) == len(runs)
+    for run in runs:  # the overrides a sweep passes to smft_dist.train, validated as the trainer would
+        args = train_args(spec, run, Path("/tmp/unused"))
+        cfg = load_config(spec.config, args[2:])
+        assert cfg.method.name in run.method and cfg.data.seed == run.seed
+
+
 def test_paper_config_is_the_papers_model():
     cfg = load_config(Path(__file__).parent.parent / "configs/paper_1p3b.yaml").model
     with torch.device("meta"):

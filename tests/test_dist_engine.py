@@ -115,6 +115,7 @@ def _accumulation(rank: int, world: int, method: str, values: str | None, placem
     runs = {}
     for gas in (1, 2):
         _, par = build(tiny_job(method, values, grad_accum_steps=gas, table_placement=placement))
+        init = dense_state(par.model), par.tables["mem_values_1"].full_weight().clone()
         losses = []
         for step in range(2):
             rows = [rank_slice(t, rank, world, world * 2 * B) for t in batch(world * 2 * B, step)]
@@ -126,6 +127,7 @@ def _accumulation(rank: int, world: int, method: str, values: str | None, placem
     for name in dense1:
         torch.testing.assert_close(dense2[name], dense1[name], msg=name)
     torch.testing.assert_close(rows2, rows1)
+    assert not torch.equal(rows1, init[1]) and any(not torch.equal(p, init[0][n]) for n, p in dense1.items()), "nothing trained"
 
 
 @pytest.mark.multirank
