@@ -9,9 +9,8 @@
 # machine without a package registry it uses what is installed and SKIPs what does not import.
 # Wheels in .whl/, if any, are installed (--no-index --no-deps) into /tmp/smft-site first.
 #
-# On the lent GPU machine (the device tool's `run`, repo root, torch 2.11 + CUDA 13 preinstalled):
-#   command: bash launcher/gpu_check.sh        timeout_s: 600        carry: [".whl"] if you made it
-# Pure-Python wheels that let more checks run there (here, before the call; ~10 MB):
+# On a GPU machine with torch preinstalled and no package registry, copy a .whl/ folder along with
+# the repo. Pure-Python wheels that let more checks run there (built on a machine with one; ~10 MB):
 #   echo /.whl/ >> .git/info/exclude
 #   DS_BUILD_OPS=0 python3 -m pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
