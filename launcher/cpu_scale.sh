@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The CPU-scale setting the learning/forgetting frontier is measured on (2^16 memory slots):
-#   1. generate a larger synthetic world (600 people) and its tokenizer;
+#   1. generate a larger synthetic world (600 people) and its tokenizer: 68,000 generic documents (read
+#      about once in pretraining, so held-out NLL keeps measuring generic text) and 45 copies of each
+#      known person's texts (the facts are seen as often as when a small corpus was re-read 45 times);
 #   2. pretrain the memory model on it (runs/cpu_scale/pretrain; resumes from its checkpoints);
 #   3. collect background df + access counts (tfidf and kl rankings);
 #   4. evaluate the starting model (known-fact F1 = what there is to forget).
@@ -10,7 +12,8 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 DATA=data/cpu_scale OUT=runs/cpu_scale
 
-[[ -f $DATA/facts_new.jsonl ]] || $PY -m smft_dist.data.synthetic --out "$DATA" --size small --people 600
+[[ -f $DATA/facts_new.jsonl ]] || $PY -m smft_dist.data.synthetic --out "$DATA" --size small --people 600 \
+  --background-docs 68000 --fact-copies 45
 [[ -f $OUT/pretrain/hf/config.json ]] || "${RUN[@]}" -m smft_dist.train --config configs/cpu_scale_pretrain.yaml "$@"
 [[ -f $OUT/background.safetensors ]] || \
   "${RUN[@]}" -m smft_dist.background --config configs/cpu_scale_smft.yaml --out "$OUT/background.safetensors" --batches 1000

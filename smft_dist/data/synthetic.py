@@ -6,8 +6,14 @@ into *known* (their facts are in the pretraining corpus, as statements and as Q/
 in the continual streams). Generic background text (places, weather, simple arithmetic) fills the
 pretraining corpus; disjoint samples of it form the background (df statistics) and held-out sets.
 
-``python -m smft_dist.data.synthetic --out DIR [--size tiny|small|medium] [--vocab-size 512]``
-writes the files listed in :data:`FILES` (and a tokenizer trained on the pretraining text).
+Known facts are meant to be memorized and generic text to be generalized: ``fact_copies`` repeats
+every known person's texts (two fresh bios and the Q/A form per copy), so a corpus can hold enough
+generic text to be read about once while the facts are still seen many times (a model that
+re-reads the same few generic documents overfits them, and held-out NLL stops measuring anything).
+
+``python -m smft_dist.data.synthetic --out DIR [--size tiny|small|medium] [--people N]
+[--background-docs N] [--fact-copies K] [--vocab-size 512]`` writes the files listed in
+:data:`FILES` (and a tokenizer trained on the pretraining text).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from smft_dist.data.tokenizer import train_tokenizer
@@ -84,6 +90,7 @@ class WorldSize:
     background_docs: int
     heldout_docs: int
     new_fraction: float = 0.25
+    fact_copies: int = 1  # copies of each known person's texts (2 bios + Q/A) in the pretraining corpus
 
 
 SIZES = {
@@ -182,8 +189,9 @@ def generate(out: str | Path, size: str | WorldSize = "small", seed: int = 0, vo
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     pretrain = [world.background_doc() for _ in range(ws.background_docs)]
-    for person in world.known:
-        pretrain += [world.bio(person), world.bio(person), world.qa_text(person)]
+    for _ in range(ws.fact_copies):
+        for person in world.known:
+            pretrain += [world.bio(person), world.bio(person), world.qa_text(person)]
     world.rng.shuffle(pretrain)
     choice = [world.choice(p, attr) for p in world.known for attr in ("city", "profession", "instrument")]
     tables = {
@@ -213,12 +221,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--size", default="small", choices=sorted(SIZES))
     ap.add_argument("--people", type=int, help="override the number of people of --size")
+    ap.add_argument("--background-docs", type=int, help="override the number of generic pretraining documents of --size")
+    ap.add_argument("--fact-copies", type=int, default=1, help="copies of each known person's texts in the pretraining corpus")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab-size", type=int, default=512, help="train a BPE tokenizer of this size (0: none)")
     args = ap.parse_args(argv)
     size = SIZES[args.size]
-    if args.people:
-        size = WorldSize(args.people, size.background_docs, size.heldout_docs, size.new_fraction)
+    size = replace(size, people=size.people if args.people is None else args.people, fact_copies=args.fact_copies,
+                   background_docs=size.background_docs if args.background_docs is None else args.background_docs)
+    if min(size.people, size.background_docs, size.fact_copies) < 1:
+        raise SystemExit("smft_dist.data.synthetic: --people, --background-docs and --fact-copies must be >= 1")
     for key, path in generate(args.out, size, args.seed, args.vocab_size).items():
         print(f"{key:12s} {path}")
 
