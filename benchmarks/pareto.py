@@ -6,12 +6,20 @@
 
 The grid file (YAML, ``benchmarks/grids/``) names the stage-2 config (starting model in
 ``train.init_from``, background statistics, eval tasks new_facts / known_facts / heldout), the seeds,
-and per method fixed overrides plus a grid of values; ``quick:`` overrides it for ``--quick``. Each
-(point, seed) is one ``python -m smft_dist.train`` run with ``data.seed = train.seed = seed`` and the
-continual stream shuffled (seed = data order and selection/adapter seed). Finished runs are appended
-to ``OUT/results.jsonl``; a rerun skips them. ``OUT/pareto.md`` holds the front points and the
-matched-learning comparisons (against full_ft's and lora's best-learning points), ``OUT/pareto.png`` the plot (x: new-fact F1, y: known-fact F1 drop in %
-of the starting model; second panel: held-out NLL change), mean ± std over seeds.
+the pass budgets every method is swept over (``budgets: {train.steps: [...]}``, crossed with every
+method's grid, so no method gets more passes than another), the new-fact F1 ``levels`` at which the
+fronts are compared, and per method fixed overrides plus a grid of values; ``quick:`` overrides it
+for ``--quick``. Each (point, seed) is one ``python -m smft_dist.train`` run with
+``data.seed = train.seed = seed`` and the continual stream shuffled (seed = data order and
+selection/adapter seed). Finished runs are appended to ``OUT/results.jsonl``; a rerun skips them.
+
+``OUT/pareto.md`` lists every point (those on their method's front marked) and compares the fronts
+**at equal learning**: for each pass budget, and over all budgets, each method's known-fact drop
+interpolated linearly along its front at the common new-fact F1 levels (seed std interpolated the
+same way; a level outside a front's span is reported as not reached, never extrapolated), and the
+drop of every method over full_ft's and lora's at each level. ``OUT/pareto.png`` plots known-fact F1
+drop (% of the starting model) and held-out NLL change against new-fact F1, mean ± std over seeds,
+fronts as lines, the pass budget as the marker.
 
 Per run, beside F1 and NLL:
 
@@ -23,6 +31,10 @@ Per run, beside F1 and NLL:
 * trainable parameters per step: trainable dense (or LoRA) parameters + v_dim x the value rows a
   step trains (smft: the selected rows; memory_ft / full_ft: the distinct slots read, from the
   run's memory-usage log; lora: none).
+* optimizer-state bytes: fp32 AdamW moments of the trainable dense (or LoRA) parameters plus the
+  value-row optimizer's state (exact_sgd: none; exact_rowwise_adagrad: one float per row; adamw and
+  adam: two per element; partial_rowwise_adam: one per element and one per row).
+* seconds: the run's wall time (training and its final evaluation).
 """
 
 from __future__ import annotations
@@ -48,8 +60,10 @@ import yaml
 from smft_dist.eval.report import last_eval
 
 DEFAULT_GRID = "benchmarks/grids/cpu_scale.yaml"
-MATCH_REFERENCES = ("full_ft", "lora")  # baselines the matched-learning comparison is read against
-METRICS = ("new_f1", "known_drop_pct", "nll_delta", "fuar", "rows_changed", "trainable_per_step")
+REFERENCES = ("full_ft", "lora")  # baselines every method's drop is divided by, at equal learning
+BUDGET = "train.steps"  # the pass budget: optimizer steps over the continual stream
+DEFAULT_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9)
+METRICS = ("new_f1", "known_drop_pct", "nll_delta", "fuar", "rows_changed", "trainable_per_step", "optimizer_state_bytes", "seconds")
 
 
 class Run(NamedTuple):
@@ -74,25 +88,49 @@ class Grid(NamedTuple):
     seeds: list[int]
     methods: dict  # method -> {"fixed": [overrides], "grid": {override: [values]}}
     overrides: list[str]  # applied to every run
+    budgets: dict = {}  # override -> values crossed with every method's grid (the pass budgets)
+    levels: tuple = DEFAULT_LEVELS  # new-fact F1 levels the fronts are compared at
 
 
 def load_grid(path: str | Path, quick: bool = False) -> Grid:
-    """The grid file, with its ``quick:`` section merged over it when ``quick``."""
+    """The grid file, with its ``quick:`` section merged over it when ``quick``. A method whose
+    ``fixed`` or ``grid`` sets a ``budgets`` key is refused: budgets are the same for every method."""
     data = yaml.safe_load(Path(path).read_text())
     if quick:
         data = {**data, **(data.get("quick") or {})}
-    return Grid(data["config"], list(data["seeds"]), data["methods"], list(data.get("overrides") or []))
+    grid = Grid(data["config"], list(data["seeds"]), data["methods"], list(data.get("overrides") or []),
+                dict(data.get("budgets") or {}), tuple(data.get("levels") or DEFAULT_LEVELS))
+    for method, spec in grid.methods.items():
+        own = set(spec.get("grid") or {}) | {o.split("=", 1)[0] for o in spec.get("fixed") or []}
+        if own & set(grid.budgets):
+            raise SystemExit(f"benchmarks.pareto: {path}: method {method} sets {sorted(own & set(grid.budgets))}, "
+                             "which budgets: sets for every method")
+    return grid
 
 
 def expand(grid: Grid) -> list[Run]:
-    """Every (method, grid point, seed), points in grid order, seeds innermost."""
+    """Every (method, budget, grid point, seed), in grid order, seeds innermost."""
     runs = []
     for method, spec in grid.methods.items():
-        axes = spec.get("grid") or {}
+        axes = {**grid.budgets, **(spec.get("grid") or {})}
         for values in itertools.product(*axes.values()):
             for seed in grid.seeds:
                 runs.append(Run(method, dict(zip(axes, values)), seed))
     return runs
+
+
+def budget_of(grid: Grid, method: str, params: dict) -> int:
+    """The pass budget (``train.steps``) a point of ``method`` ran with: its own value, else the last
+    override setting it, else the stage-2 config's."""
+    if BUDGET in params:
+        return int(params[BUDGET])
+    for override in reversed([*grid.overrides, *(grid.methods.get(method, {}).get("fixed") or [])]):
+        key, _, value = override.partition("=")
+        if key == BUDGET:
+            return int(value)
+    from smft_dist.config import load_config
+
+    return load_config(grid.config).train.steps
 
 
 def train_args(grid: Grid, run: Run, out: Path) -> list[str]:
@@ -145,6 +183,32 @@ def trainable_per_step(run_dir: Path) -> float:
     return dense + cfg.model.value_dim * (sum(steps) / max(len(steps), 1))
 
 
+FP32 = 4
+ROW_STATE_FLOATS = {  # value-row optimizer: fp32 state per (element, row) of a table
+    "exact_sgd": (0, 0), "exact_rowwise_adagrad": (0, 1), "adamw": (2, 0), "adam": (2, 0), "partial_rowwise_adam": (1, 1)}
+
+
+def optimizer_state_bytes(run_dir: Path) -> int:
+    """Bytes of optimizer state the run's method keeps (see module doc): AdamW's two fp32 moments per
+    trainable dense / adapter parameter, plus the value-row optimizer's state over every table."""
+    import torch
+
+    from smft_dist.config import load_config
+    from smft_dist.model.transformer import Transformer
+    from smft_dist.smft.methods import apply_method
+
+    cfg = load_config(run_dir / "config.yaml")
+    with torch.device("meta"):
+        model = Transformer(cfg.model, build_value_tables=False)
+    plan = apply_method(model, dataclasses.replace(cfg.method, ranking="all"))
+    total = 2 * FP32 * sum(p.numel() for p in plan.dense_params)
+    if plan.values_train:
+        per_element, per_row = ROW_STATE_FLOATS[cfg.sparse_optim.type]
+        rows = cfg.model.memory.num_slots * len({layer.table_name for layer in model.memory_layers()})
+        total += FP32 * rows * (per_element * cfg.model.value_dim + per_row)
+    return total
+
+
 def measure(run: Run, run_dir: Path, base: dict, base_model: Path, seconds: float) -> dict:
     """The result record of a finished run."""
     after = last_eval(run_dir / "metrics.jsonl")
@@ -156,7 +220,7 @@ def measure(run: Run, run_dir: Path, base: dict, base_model: Path, seconds: floa
         "known_drop_pct": 100 * known_drop / max(base["known_facts/f1"], 1e-9),
         "nll_delta": after["heldout/nll"] - base["heldout/nll"], "fuar": fuar(known_drop, new_gain),
         "rows_changed": rows_changed(base_model, run_dir / "hf"), "trainable_per_step": trainable_per_step(run_dir),
-        "seconds": seconds,
+        "optimizer_state_bytes": optimizer_state_bytes(run_dir), "seconds": seconds,
     }
 
 
@@ -233,18 +297,20 @@ def base_eval(grid: Grid, out: Path, threads: int) -> tuple[dict, Path]:
 
 # ------------------------------------------------------------------------------- fronts
 class Point(NamedTuple):
-    """A grid point's figures over its seeds: metric -> (mean, std); std is the sample std (0 for one seed)."""
+    """A grid point's figures over its seeds: metric -> (mean, std); std is the sample std (0 for one
+    seed). ``budget``: the pass budget it ran with (None where unknown)."""
 
     method: str
     params: dict
     seeds: int
     stats: dict
+    budget: int | None = None
 
     def mean(self, metric: str) -> float:
         return self.stats[metric][0]
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float | None]) -> tuple[float, float]:
     values = [v for v in values if v is not None]
     if not values:
         return (math.nan, math.nan)
@@ -253,12 +319,14 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return (m, math.sqrt(var))
 
 
-def summarize(results: list[dict]) -> list[Point]:
-    """Group results by (method, params) and reduce every metric over the seeds."""
+def summarize(results: list[dict], budget: Callable[[str, dict], int | None] = lambda method, params: params.get(BUDGET)) -> list[Point]:
+    """Group results by (method, params) and reduce every metric over the seeds (a metric an older
+    record lacks counts as missing); ``budget(method, params)`` names each point's pass budget."""
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in results:
         groups[json.dumps([r["method"], sorted(r["params"].items())])].append(r)
-    return [Point(rs[0]["method"], rs[0]["params"], len(rs), {m: mean_std([r[m] for r in rs]) for m in METRICS})
+    return [Point(rs[0]["method"], rs[0]["params"], len(rs), {m: mean_std([r.get(m) for r in rs]) for m in METRICS},
+                  budget(rs[0]["method"], rs[0]["params"]))
             for rs in groups.values()]
 
 
@@ -274,94 +342,135 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def fronts(points: list[Point]) -> dict[str, list[Point]]:
-    """Each method's front on the seed means of (new F1, known-fact drop %)."""
+    """Each method's front on the seed means of (new F1, known-fact drop %), by increasing new F1."""
     by_method: dict[str, list[Point]] = defaultdict(list)
     for p in points:
         by_method[p.method].append(p)
     return {m: [ps[i] for i in pareto_front([(p.mean("new_f1"), p.mean("known_drop_pct")) for p in ps])] for m, ps in by_method.items()}
 
 
-def matched_learning(points: list[Point], reference: str = "full_ft", tolerance: float = 0.05) -> dict[str, Point]:
-    """Per method, its least-forgetting point whose new F1 is within ``tolerance`` of the
-    ``reference`` method's best-learning point (the reference's own entry is that point)."""
-    ref = [p for p in points if p.method == reference]
-    if not ref:
-        return {}
-    best = max(ref, key=lambda p: p.mean("new_f1"))
-    matched = {reference: best}
-    for method in sorted({p.method for p in points} - {reference}):
-        near = [p for p in points if p.method == method and abs(p.mean("new_f1") - best.mean("new_f1")) <= tolerance]
-        if near:
-            matched[method] = min(near, key=lambda p: p.mean("known_drop_pct"))
-    return matched
+def drop_at(front: list[Point], level: float) -> tuple[float, float] | None:
+    """Known-fact drop (mean, std) at new F1 ``level`` on ``front`` (by increasing new F1): linear
+    between the two front points around it; None outside the front's span (never extrapolated). Along
+    a front the drop does not decrease with learning, so where points tie in new F1 the lowest drop counts."""
+    xs = [p.mean("new_f1") for p in front]
+    if not front or not xs[0] <= level <= xs[-1]:
+        return None
+    at = [p.stats["known_drop_pct"] for p, x in zip(front, xs) if x == level]
+    if at:
+        return min(at)
+    i = next(i for i, x in enumerate(xs) if x > level)
+    w = (level - xs[i - 1]) / (xs[i] - xs[i - 1])
+    (m0, s0), (m1, s1) = front[i - 1].stats["known_drop_pct"], front[i].stats["known_drop_pct"]
+    return (m0 + w * (m1 - m0), s0 + w * (s1 - s0))
 
 
-def _fmt(stat: tuple[float, float], digits: int) -> str:
+def ratio(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
+    """a / b with the two stds propagated to first order; nan where b's mean is not positive."""
+    (ma, sa), (mb, sb) = a, b
+    if mb <= 0:
+        return math.nan, math.nan
+    r = ma / mb
+    return r, abs(r) * math.hypot(sa / ma if ma else 0.0, sb / mb)
+
+
+def equal_learning(points: list[Point], levels: tuple) -> dict[str, dict[float, tuple[float, float] | None]]:
+    """Per method, its front's known-fact drop at each new-F1 level (None: not reached)."""
+    return {m: {level: drop_at(front, level) for level in levels} for m, front in sorted(fronts(points).items())}
+
+
+def _fmt(stat: tuple[float, float] | None, digits: int) -> str:
+    if stat is None:
+        return "—"
     m, s = stat
     return "n/a" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def _setting(p: Point) -> str:
-    return " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in p.params.items())
+    return " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in p.params.items() if k != BUDGET)
 
 
-def drop_ratio(p: Point, ref: Point) -> tuple[float, float]:
-    """p's known-fact drop over ref's, mean and std (the two seed stds propagated to first order)."""
-    (a, sa), (b, sb) = p.stats["known_drop_pct"], ref.stats["known_drop_pct"]
-    if p is ref:
-        return 1.0, 0.0
-    if b <= 0:
-        return math.nan, math.nan
-    r = a / b
-    return r, abs(r) * math.hypot(sa / a if a else 0.0, sb / b)
+def _mib(stat: tuple[float, float]) -> str:
+    return "n/a" if math.isnan(stat[0]) else f"{stat[0] / 2**20:.1f}"
 
 
-def markdown(points: list[Point], base: dict) -> str:
-    """Every point (those on their method's front marked), then the matched-learning comparisons."""
+def equal_learning_table(points: list[Point], levels: tuple, title: str) -> list[str]:
+    """Markdown: drop per method and level, then each method's drop over every reference's."""
+    drops = equal_learning(points, levels)
+    methods = list(drops)
+    pairs = [(m, ref) for ref in REFERENCES if ref in drops for m in methods if m != ref]
+    lines = ["", f"### {title}", "", "| new F1 | " + " | ".join(f"{m} drop %" for m in methods)
+             + "".join(f" | {m} / {ref}" for m, ref in pairs) + " |", "|---" * (1 + len(methods) + len(pairs)) + "|"]
+    for level in levels:
+        cells = [_fmt(drops[m][level], 1) for m in methods]
+        cells += [_fmt(ratio(drops[m][level], drops[ref][level]), 2) if drops[m][level] and drops[ref][level] else "—" for m, ref in pairs]
+        lines.append(f"| {level:.2f} | " + " | ".join(cells) + " |")
+    spans = []
+    for m, front in sorted(fronts(points).items()):
+        spans.append(f"{m} {front[0].mean('new_f1'):.3f}–{front[-1].mean('new_f1'):.3f}")
+    lines += ["", "Front spans (new F1; — above: outside a span, not extrapolated): " + ", ".join(spans) + "."]
+    return lines
+
+
+def markdown(points: list[Point], base: dict, levels: tuple = DEFAULT_LEVELS) -> str:
+    """Every point (those on their method's front marked), then the fronts compared at equal learning:
+    per pass budget that at least two methods ran, then over all budgets."""
     lines = [f"Starting model: new-fact F1 {base['new_facts/f1']:.3f}, known-fact F1 {base['known_facts/f1']:.3f}, "
-             f"held-out NLL {base['heldout/nll']:.4f}. Mean ± std over seeds; front: on its method's Pareto front.", "",
-             "| method | setting | front | seeds | new F1 | known F1 drop % | held-out NLL Δ | FUAR | rows changed | trainable / step |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"held-out NLL {base['heldout/nll']:.4f}. Mean ± std over seeds; front: on its method's Pareto front over all budgets; "
+             "budget: train.steps.", "",
+             "| method | setting | budget | front | seeds | new F1 | known F1 drop % | held-out NLL Δ | FUAR | rows changed "
+             "| trainable / step | optimizer state MiB | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     on_front = {id(p) for front in fronts(points).values() for p in front}
-    for p in sorted(points, key=lambda p: p.method):
-        lines.append(f"| {p.method} | {_setting(p)} | {'yes' if id(p) in on_front else ''} | {p.seeds} | {_fmt(p.stats['new_f1'], 3)} | "
-                     f"{_fmt(p.stats['known_drop_pct'], 1)} | {_fmt(p.stats['nll_delta'], 4)} | {_fmt(p.stats['fuar'], 2)} | "
-                     f"{_fmt(p.stats['rows_changed'], 0)} | {_fmt(p.stats['trainable_per_step'], 0)} |")
-    for reference in MATCH_REFERENCES:
-        matched = matched_learning(points, reference)
-        if not matched:
-            continue
-        ref = matched[reference]
-        lines += ["", f"Matched learning (new F1 within 0.05 of {reference}'s best, {ref.mean('new_f1'):.3f}):", ""]
-        for method, p in matched.items():
-            ratio = _fmt(drop_ratio(p, ref), 2)
-            lines.append(f"- {method} ({_setting(p)}): new F1 {p.mean('new_f1'):.3f}, known F1 drop {p.mean('known_drop_pct'):.1f}% "
-                         f"(× {ratio} of {reference}'s), held-out NLL Δ {p.mean('nll_delta'):+.4f}")
+    for p in sorted(points, key=lambda p: (p.method, p.budget or 0)):
+        lines.append(f"| {p.method} | {_setting(p)} | {p.budget if p.budget is not None else ''} | {'yes' if id(p) in on_front else ''} | "
+                     f"{p.seeds} | {_fmt(p.stats['new_f1'], 3)} | {_fmt(p.stats['known_drop_pct'], 1)} | {_fmt(p.stats['nll_delta'], 4)} | "
+                     f"{_fmt(p.stats['fuar'], 2)} | {_fmt(p.stats['rows_changed'], 0)} | {_fmt(p.stats['trainable_per_step'], 0)} | "
+                     f"{_mib(p.stats['optimizer_state_bytes'])} | {_fmt(p.stats['seconds'], 0)} |")
+    lines += ["", "## At equal learning", "",
+              "Each method's known-fact drop (%) interpolated along its front at the same new-fact F1; — where a front "
+              "does not reach the level. Ratios: drop over the reference's at that level (seed stds propagated)."]
+    budgets = defaultdict(set)
+    for p in points:
+        budgets[p.budget].add(p.method)
+    for b in sorted((b for b, ms in budgets.items() if b is not None and len(ms) > 1)):
+        lines += equal_learning_table([p for p in points if p.budget == b], levels, f"Budget train.steps={b}")
+    if len(budgets) > 1 or None in budgets:
+        shared = set.intersection(*(set(p.budget for p in points if p.method == m) for m in {p.method for p in points}))
+        note = "" if all(set(p.budget for p in points if p.method == m) == shared for m in {p.method for p in points}) else \
+            " (methods ran different budgets: not an equal-budget comparison)"
+        lines += equal_learning_table(points, levels, f"Any budget: each method's front over all its points{note}")
     return "\n".join(lines) + "\n"
+
+
+MARKERS = "osD^vP*X"
 
 
 def plot(points: list[Point], path: Path) -> None:
     """Two panels against new-fact F1: known-fact F1 drop % (with each method's front as a line) and
-    held-out NLL change; error bars are the std over seeds."""
+    held-out NLL change; error bars are the std over seeds, the marker is the pass budget."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 5))
     front_of = fronts(points)
+    budgets = sorted({p.budget for p in points}, key=lambda b: (b is None, b or 0))
+    marker = {b: MARKERS[i % len(MARKERS)] for i, b in enumerate(budgets)}
     for i, method in enumerate(sorted({p.method for p in points})):
         color = f"C{i}"
-        ps = [p for p in points if p.method == method]
-        for ax, metric in ((ax1, "known_drop_pct"), (ax2, "nll_delta")):
-            ax.errorbar([p.mean("new_f1") for p in ps], [p.mean(metric) for p in ps], xerr=[p.stats["new_f1"][1] for p in ps],
-                        yerr=[p.stats[metric][1] for p in ps], fmt="o", color=color, alpha=0.6, capsize=2,
-                        label=method if ax is ax1 else None)
+        for p in (p for p in points if p.method == method):
+            for ax, metric in ((ax1, "known_drop_pct"), (ax2, "nll_delta")):
+                ax.errorbar([p.mean("new_f1")], [p.mean(metric)], xerr=[p.stats["new_f1"][1]], yerr=[p.stats[metric][1]],
+                            fmt=marker[p.budget], color=color, alpha=0.6, capsize=2)
         front = front_of[method]
-        ax1.plot([p.mean("new_f1") for p in front], [p.mean("known_drop_pct") for p in front], "-", color=color)
+        ax1.plot([p.mean("new_f1") for p in front], [p.mean("known_drop_pct") for p in front], "-", color=color, label=method)
+    for b in budgets:
+        ax1.plot([], [], marker[b], color="gray", label=f"{BUDGET}={b}" if b is not None else "budget unknown")
     ax1.set(xlabel="new-fact F1 (learning)", ylabel="known-fact F1 drop, % of start (forgetting)", title="learning vs forgetting")
     ax2.set(xlabel="new-fact F1 (learning)", ylabel="held-out NLL change", title="held-out text")
-    ax1.legend()
+    ax1.legend(fontsize=8)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -369,10 +478,10 @@ def plot(points: list[Point], path: Path) -> None:
     plt.close(fig)
 
 
-def report(results: list[dict], base: dict, out: Path) -> None:
-    """Write ``out/pareto.md`` and ``out/pareto.png``."""
-    points = summarize(results)
-    (out / "pareto.md").write_text(markdown(points, base))
+def report(results: list[dict], base: dict, out: Path, grid: Grid | None = None) -> None:
+    """Write ``out/pareto.md`` and ``out/pareto.png``; ``grid`` names each point's pass budget."""
+    points = summarize(results, (lambda m, params: budget_of(grid, m, params)) if grid else (lambda m, params: params.get(BUDGET)))
+    (out / "pareto.md").write_text(markdown(points, base, grid.levels if grid else DEFAULT_LEVELS))
     print((out / "pareto.md").read_text())
     plot(points, out / "pareto.png")
     print(f"pareto: plot -> {out / 'pareto.png'}")
@@ -406,7 +515,7 @@ def main(argv: list[str] | None = None) -> None:
         sweep(runs, out, Subprocesses(grid, out, base, base_model, threads, shlex.split(args.launcher)), args.workers)
         if args.task is not None:
             return
-    report(load_results(out / "results.jsonl"), base, out)
+    report(load_results(out / "results.jsonl"), base, out, grid)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""benchmarks.pareto: the front (dominance, ties, error bars), FUAR, matched learning, the resumable
-sweep runner, the table and the plot."""
+"""benchmarks.pareto: the front (dominance, ties, error bars), FUAR, fronts compared at equal learning
+(interpolation, spans that do not overlap, per pass budget), equal budgets for every method, the
+resumable sweep runner, the table and the plot."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import threading
 
 import pytest
 
-from benchmarks.pareto import (Grid, Run, drop_ratio, expand, fronts, fuar, load_results, markdown, matched_learning, pareto_front, plot,
-                               summarize, sweep)
+from benchmarks.pareto import (Grid, Point, Run, budget_of, drop_at, equal_learning, expand, fronts, fuar, load_grid, load_results,
+                               markdown, pareto_front, plot, ratio, summarize, sweep)
 from tests.multiproc import run_ranks
 from tests.test_train import _job, _train, world  # noqa: F401  (world is a fixture)
 
@@ -21,7 +22,12 @@ BASE = {"new_facts/f1": 0.1, "known_facts/f1": 0.5, "heldout/nll": 1.0}
 def _result(method, params, seed, new_f1, drop, nll=0.01):
     return {"key": Run(method, params, seed).key, "method": method, "params": params, "seed": seed, "new_f1": new_f1,
             "known_drop_pct": drop, "nll_delta": nll, "fuar": fuar(drop / 100 * 0.5, new_f1 - 0.1), "rows_changed": 10,
-            "trainable_per_step": 640.0}
+            "trainable_per_step": 640.0, "optimizer_state_bytes": 2**20, "seconds": 60.0}
+
+
+def _front(*xy_std):
+    """A hand-made front: (new F1, drop %, drop std) per point, by increasing new F1."""
+    return [Point("m", {"i": i}, 3, {"new_f1": (x, 0.0), "known_drop_pct": (y, s)}) for i, (x, y, s) in enumerate(xy_std)]
 
 
 def test_front_dominance_and_ties():
@@ -44,25 +50,73 @@ def test_error_bars_are_the_std_over_seeds_and_fronts_per_method():
     assert [p.params for p in front["smft"]] == [{"method.value_lr": 1}] and len(front["full_ft"]) == 1
 
 
-def test_fuar_and_matched_learning():
+def test_fuar():
     assert fuar(0.1, 0.2) == pytest.approx(0.5)
     assert fuar(-0.1, 0.2) == 0.0  # known facts improved: nothing forgotten
     assert fuar(0.1, 0.0) is None  # nothing acquired: undefined (CKL's n.d.)
-    results = [_result("full_ft", {"lr": 1}, 0, 0.60, 80), _result("full_ft", {"lr": 2}, 0, 0.30, 40),
-               _result("smft", {"lr": 1}, 0, 0.57, 30), _result("smft", {"lr": 2}, 0, 0.64, 20), _result("smft", {"lr": 3}, 0, 0.50, 5),
-               _result("lora", {"lr": 1}, 0, 0.20, 10), _result("lora", {"lr": 2}, 0, 0.68, 50)]
-    matched = matched_learning(summarize(results))
-    assert {m: p.params for m, p in matched.items()} == {"full_ft": {"lr": 1}, "smft": {"lr": 2}}  # lora (0.68) is 0.08 away
-    table = markdown(summarize(results), BASE)
-    assert "smft (lr=2): new F1 0.640, known F1 drop 20.0% (× 0.25 ± 0.00 of full_ft's)" in table
-    lora_section = table[table.index("within 0.05 of lora's best, 0.680"):]
-    assert "smft (lr=2): new F1 0.640, known F1 drop 20.0% (× 0.40 ± 0.00 of lora's)" in lora_section
-    assert "full_ft (" not in lora_section  # full_ft's best (0.60) is 0.08 from lora's
-    assert table.count("| smft |") == 3 and table.count("| yes |") == 6  # every point listed; on the fronts:
-    assert "| smft | lr=1 |  |" in table and "| smft | lr=2 | yes |" in table  # smft lr=2, 3; full_ft and lora: both
-    ratio = drop_ratio(*[p for p in summarize([_result("smft", {}, 0, 0.5, 20), _result("smft", {}, 1, 0.5, 40),
-                                                _result("full_ft", {}, 0, 0.5, 60), _result("full_ft", {}, 1, 0.5, 60)])])
-    assert ratio == pytest.approx((0.5, 0.5 * math.sqrt(200) / 30))  # std 14.1 of mean 30; full_ft's std 0
+
+
+def test_drop_at_interpolates_inside_the_front_and_never_extrapolates():
+    front = _front((0.4, 10.0, 1.0), (0.6, 20.0, 3.0), (0.9, 50.0, 5.0))
+    assert drop_at(front, 0.5) == pytest.approx((15.0, 2.0))
+    assert drop_at(front, 0.8) == pytest.approx((40.0, 13 / 3))
+    assert drop_at(front, 0.6) == (20.0, 3.0) and drop_at(front, 0.4) == (10.0, 1.0) and drop_at(front, 0.9) == (50.0, 5.0)
+    assert drop_at(front, 0.39) is None and drop_at(front, 0.91) is None  # outside the span: not reached
+    assert drop_at(_front((0.7, 5.0, 0.0)), 0.7) == (5.0, 0.0) and drop_at(_front((0.7, 5.0, 0.0)), 0.6) is None
+    assert drop_at([], 0.5) is None
+    assert ratio((10.0, 1.0), (20.0, 2.0)) == pytest.approx((0.5, 0.5 * math.hypot(0.1, 0.1)))
+    assert math.isnan(ratio((10.0, 1.0), (0.0, 1.0))[0])  # a reference that forgets nothing: no ratio
+
+
+def test_equal_learning_reads_fronts_at_common_levels_and_reports_where_they_do_not_overlap():
+    results = [_result("full_ft", {"lr": 1}, 0, 0.50, 40), _result("full_ft", {"lr": 2}, 0, 0.70, 60),
+               _result("full_ft", {"lr": 3}, 0, 0.60, 70),  # dominated by lr 2: off the front, not interpolated
+               _result("smft", {"lr": 1}, 0, 0.55, 5), _result("smft", {"lr": 2}, 0, 0.95, 25),
+               _result("lora", {"lr": 1}, 0, 0.20, 30), _result("lora", {"lr": 2}, 0, 0.30, 50)]  # no overlap with either
+    drops = equal_learning(summarize(results), (0.5, 0.6, 0.7, 0.9))
+    assert drops["full_ft"] == {0.5: (40.0, 0.0), 0.6: pytest.approx((50.0, 0.0)), 0.7: (60.0, 0.0), 0.9: None}
+    assert drops["smft"][0.5] is None and drops["smft"][0.6] == pytest.approx((7.5, 0.0)) and drops["smft"][0.9] == pytest.approx((22.5, 0.0))
+    assert all(v is None for v in drops["lora"].values())
+    table = markdown(summarize(results), BASE, (0.5, 0.6, 0.7, 0.9))
+    row = next(line for line in table.splitlines() if line.startswith("| 0.60 |"))
+    # methods in name order (full_ft, lora, smft); ratios: full_ft / lora, lora / full_ft, smft / full_ft, full_ft / lora, ...
+    assert row.startswith("| 0.60 | 50.0 ± 0.0 | — | 7.5 ± 0.0 |") and "| 0.15 ± 0.00 |" in row
+    assert "lora 0.200–0.300" in table and "smft 0.550–0.950" in table
+    assert table.count("| smft |") == 2 and "| full_ft | lr=3 |  |  |" in table  # every point listed; lr 3 off the front
+
+
+def test_budgets_are_crossed_with_every_method_and_compared_per_budget(tmp_path):
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text("config: unused.yaml\nseeds: [0]\nbudgets: {train.steps: [8, 16]}\nlevels: [0.5]\n"
+                         "methods:\n  smft: {fixed: [method.name=smft], grid: {method.value_lr: [1, 2]}}\n"
+                         "  full_ft: {fixed: [method.name=full_ft]}\n")
+    grid = load_grid(grid_file)
+    runs = expand(grid)
+    assert sorted((r.method, r.params.get("train.steps")) for r in runs) == [("full_ft", 8), ("full_ft", 16)] + [("smft", 8)] * 2 + [("smft", 16)] * 2
+    assert budget_of(grid, "smft", {"train.steps": 16}) == 16
+    assert budget_of(grid._replace(overrides=["train.steps=4"]), "smft", {}) == 4
+    assert budget_of(Grid("unused.yaml", [0], {"m": {"fixed": ["train.steps=7"]}}, ["train.steps=4"]), "m", {}) == 7
+    grid_file.write_text(grid_file.read_text().replace("[method.name=full_ft]", "[method.name=full_ft, train.steps=32]"))
+    with pytest.raises(SystemExit, match="full_ft sets \\['train.steps'\\]"):
+        load_grid(grid_file)
+    # at budget 8 smft learns 0.5 at a 10% drop, full_ft at 40%; at budget 16 both learn more
+    results = [_result("smft", {"train.steps": 8}, 0, 0.5, 10), _result("full_ft", {"train.steps": 8}, 0, 0.5, 40),
+               _result("smft", {"train.steps": 16}, 0, 0.5, 20), _result("full_ft", {"train.steps": 16}, 0, 0.5, 30)]
+    table = markdown(summarize(results), BASE, (0.5,))
+    per_budget = table.split("### Budget train.steps=")
+    assert per_budget[1].startswith("8") and "| 0.50 | 40.0 ± 0.0 | 10.0 ± 0.0 | 0.25 ± 0.00 |" in per_budget[1]
+    assert per_budget[2].startswith("16") and "| 0.50 | 30.0 ± 0.0 | 20.0 ± 0.0 | 0.67 ± 0.00 |" in per_budget[2]
+    assert "### Any budget" in table and "not an equal-budget comparison" not in table
+    unequal = markdown(summarize(results[:3]), BASE, (0.5,))
+    assert "### Budget train.steps=16" not in unequal and "not an equal-budget comparison" in unequal
+
+
+def test_error_bars_and_optimizer_state_in_the_table():
+    results = [_result("smft", {"lr": 1}, s, 0.5, 10 + s) for s in range(3)]
+    results[0].pop("optimizer_state_bytes")  # an older record: missing, not zero
+    (p,) = summarize(results)
+    assert p.stats["optimizer_state_bytes"] == (2**20, 0.0) and p.stats["known_drop_pct"] == pytest.approx((11.0, 1.0))
+    assert "| 1.0 | 60 ± 0 |" in markdown([p], BASE)
 
 
 def test_sweep_appends_each_run_and_a_rerun_skips_finished(tmp_path):
@@ -120,6 +174,8 @@ def test_real_runs_measure_rows_and_trainable_parameters(world, tmp_path):  # no
     smft, lora = results["smft"], results["lora"]
     assert 0 < smft["rows_changed"] <= 3 * 5 and lora["rows_changed"] == 0
     assert smft["trainable_per_step"] == 5 * 32  # top_t rows x v_dim, no dense parameter
+    assert smft["optimizer_state_bytes"] == 0  # exact_sgd keeps no state, the dense model is frozen
     # LoRA rank 2 on q, k, v, o (32 x 32) of both blocks and the SwiGLU of block 0 (32 <-> 96): r * (in + out) each
     assert lora["trainable_per_step"] == 2 * 4 * 2 * (32 + 32) + 3 * 2 * (32 + 96)
+    assert lora["optimizer_state_bytes"] == 2 * 4 * lora["trainable_per_step"]  # AdamW: two fp32 moments per adapter weight
     assert set(smft) >= {"new_f1", "known_drop_pct", "nll_delta", "fuar"} and smft["params"] == {"method.top_t": 5}
