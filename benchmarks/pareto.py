@@ -63,7 +63,24 @@ DEFAULT_GRID = "benchmarks/grids/cpu_scale.yaml"
 REFERENCES = ("full_ft", "lora")  # baselines every method's drop is divided by, at equal learning
 BUDGET = "train.steps"  # the pass budget: optimizer steps over the continual stream
 DEFAULT_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9)
-METRICS = ("new_f1", "known_drop_pct", "nll_delta", "fuar", "rows_changed", "trainable_per_step", "optimizer_state_bytes", "seconds")
+
+
+class Probe(NamedTuple):
+    """An optional eval task of the stage-2 config, recorded as a drop in % of the start or a change."""
+
+    key: str  # task/metric
+    relative: bool  # drop in % of the starting model's value (else: the change)
+    header: str
+    digits: int
+
+
+PROBES = {
+    "same_answer_drop_pct": Probe("known_same_answer/f1", True, "drop %, same answer as a new fact", 1),
+    "other_drop_pct": Probe("known_other/f1", True, "drop %, other known facts", 1),
+    "choice_acc_delta": Probe("choice/acc", False, "choice acc Δ", 3),
+    "arithmetic_nll_delta": Probe("arithmetic/nll", False, "arithmetic NLL Δ", 4),
+}
+METRICS = ("new_f1", "known_drop_pct", "nll_delta", "fuar", "rows_changed", "trainable_per_step", "optimizer_state_bytes", "seconds", *PROBES)
 
 
 class Run(NamedTuple):
@@ -209,12 +226,23 @@ def optimizer_state_bytes(run_dir: Path) -> int:
     return total
 
 
+def probes(base: dict, after: dict) -> dict:
+    """The optional probes (:data:`PROBES`) both evaluations have: known facts that share an answer
+    with the new facts vs the others (drop in % of the start), multiple choice, arithmetic NLL."""
+    out = {}
+    for field, probe in PROBES.items():
+        if probe.key in base and probe.key in after:
+            change = after[probe.key] - base[probe.key]
+            out[field] = -100 * change / max(base[probe.key], 1e-9) if probe.relative else change
+    return out
+
+
 def measure(run: Run, run_dir: Path, base: dict, base_model: Path, seconds: float) -> dict:
     """The result record of a finished run."""
     after = last_eval(run_dir / "metrics.jsonl")
     known_drop = base["known_facts/f1"] - after["known_facts/f1"]
     new_gain = after["new_facts/f1"] - base["new_facts/f1"]
-    return {
+    return {**probes(base, after),
         "key": run.key, "method": run.method, "params": run.params, "seed": run.seed,
         "new_f1": after["new_facts/f1"], "known_f1": after["known_facts/f1"],
         "known_drop_pct": 100 * known_drop / max(base["known_facts/f1"], 1e-9),
@@ -422,11 +450,16 @@ def markdown(points: list[Point], base: dict, levels: tuple = DEFAULT_LEVELS) ->
              "| trainable / step | optimizer state MiB | seconds |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     on_front = {id(p) for front in fronts(points).values() for p in front}
+    shown = [f for f in PROBES if any(not math.isnan(p.mean(f)) for p in points)]
+    if shown:
+        lines[2] += "".join(f" {PROBES[f].header} |" for f in shown)
+        lines[3] += "---|" * len(shown)
     for p in sorted(points, key=lambda p: (p.method, p.budget or 0)):
         lines.append(f"| {p.method} | {_setting(p)} | {p.budget if p.budget is not None else ''} | {'yes' if id(p) in on_front else ''} | "
                      f"{p.seeds} | {_fmt(p.stats['new_f1'], 3)} | {_fmt(p.stats['known_drop_pct'], 1)} | {_fmt(p.stats['nll_delta'], 4)} | "
                      f"{_fmt(p.stats['fuar'], 2)} | {_fmt(p.stats['rows_changed'], 0)} | {_fmt(p.stats['trainable_per_step'], 0)} | "
-                     f"{_mib(p.stats['optimizer_state_bytes'])} | {_fmt(p.stats['seconds'], 0)} |")
+                     f"{_mib(p.stats['optimizer_state_bytes'])} | {_fmt(p.stats['seconds'], 0)} |"
+                     + "".join(f" {_fmt(p.stats[f], PROBES[f].digits)} |" for f in shown))
     lines += ["", "## At equal learning", "",
               "Each method's known-fact drop (%) interpolated along its front at the same new-fact F1; — where a front "
               "does not reach the level. Ratios: drop over the reference's at that level (seed stds propagated)."]

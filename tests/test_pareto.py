@@ -179,3 +179,14 @@ def test_real_runs_measure_rows_and_trainable_parameters(world, tmp_path):  # no
     assert lora["trainable_per_step"] == 2 * 4 * 2 * (32 + 32) + 3 * 2 * (32 + 96)
     assert lora["optimizer_state_bytes"] == 2 * 4 * lora["trainable_per_step"]  # AdamW: two fp32 moments per adapter weight
     assert set(smft) >= {"new_f1", "known_drop_pct", "nll_delta", "fuar"} and smft["params"] == {"method.top_t": 5}
+
+
+def test_probes_are_recorded_where_both_evaluations_have_them():
+    from benchmarks.pareto import probes
+
+    base = {"known_same_answer/f1": 0.8, "known_other/f1": 0.5, "choice/acc": 0.6, "arithmetic/nll": 2.0}
+    after = {"known_same_answer/f1": 0.6, "known_other/f1": 0.5, "choice/acc": 0.55}
+    assert probes(base, after) == pytest.approx({"same_answer_drop_pct": 25.0, "other_drop_pct": 0.0, "choice_acc_delta": -0.05})
+    with_probe = [{**_result("smft", {"lr": 1}, 0, 0.5, 10), "choice_acc_delta": -0.05}]
+    table = markdown(summarize(with_probe), BASE)
+    assert "choice acc Δ |" in table and "| -0.050 ± 0.000 |" in table and "arithmetic NLL Δ" not in table
