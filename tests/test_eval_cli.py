@@ -123,3 +123,21 @@ def test_evaluate_memory_model_on_two_ranks_equals_one_each_reading_its_rows(tmp
     (read0, read1) = (read for _, read in two)
     assert sum(hi - lo for lo, hi in read0) == sum(hi - lo for lo, hi in read1) == 32, "each rank reads its half"
     assert max(hi for _, hi in read0) <= min(lo for lo, _ in read1)
+
+
+def test_report_over_one_run_shows_each_evaluation_and_nll_against_its_minimum(tmp_path, capsys):
+    from smft_dist.eval import report
+
+    lines = [{"split": "train", "step": 1, "loss": 3.0}, {"split": "eval", "step": 10, "held/nll": 2.0, "qa/f1": 0.1, "qa/count": 8},
+             {"split": "eval", "step": 20, "held/nll": 1.0, "qa/f1": 0.4}, {"split": "eval", "step": 30, "held/nll": 1.5, "qa/f1": 0.7}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    report.main([str(path)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["step", "held/nll", "qa/f1"] and out[3].split() == ["30", "1.5000", "0.7000"]
+    assert out[-1] == "held/nll: last 1.5000, minimum 1.0000 (x1.500 of it)"
+    report.main([str(path), str(path)])
+    assert "qa/f1" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no eval results"):
+        (tmp_path / "empty.jsonl").write_text(json.dumps(lines[0]) + "\n")
+        report.main([str(tmp_path / "empty.jsonl")])
