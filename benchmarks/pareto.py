@@ -3,6 +3,7 @@
     python -m benchmarks.pareto [--grid benchmarks/grids/cpu_scale.yaml] [--out runs/pareto] [--workers N] [--quick]
     python -m benchmarks.pareto --grid G --out O --task I     # run one (point, seed) only: SLURM array task I
     python -m benchmarks.pareto --grid G --out O --report     # table + plot from results.jsonl only
+    python -m benchmarks.pareto --grid G --budgets 256        # only the runs of one pass budget (the rest later)
 
 The grid file (YAML, ``benchmarks/grids/``) names the stage-2 config (starting model in
 ``train.init_from``, background statistics, eval tasks new_facts / known_facts / heldout), the seeds,
@@ -529,11 +530,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: cores / workers)")
     p.add_argument("--launcher", default=sys.executable, help="command running python modules, e.g. 'torchrun --nproc-per-node 8'")
     p.add_argument("--task", type=int, default=None, help="run only the I-th (1-based) run of the grid (SLURM array)")
+    p.add_argument("--budgets", type=int, nargs="+", default=None, help="run only these pass budgets of the grid (train.steps), e.g. one budget first")
     p.add_argument("--list", action="store_true", help="print the number of runs and exit")
     p.add_argument("--report", action="store_true", help="only write the table and plot from results.jsonl")
     args = p.parse_args(argv)
     grid = load_grid(args.grid, args.quick)
     runs = expand(grid)
+    if args.budgets:
+        unknown = set(args.budgets) - set(grid.budgets.get(BUDGET, []))
+        if unknown:
+            raise SystemExit(f"benchmarks.pareto: --budgets {sorted(unknown)} not in the grid's budgets {grid.budgets.get(BUDGET, [])}")
+        runs = [r for r in runs if r.params[BUDGET] in args.budgets]
     if args.list:
         print(len(runs))
         return
