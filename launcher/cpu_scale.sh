@@ -5,7 +5,8 @@
 #      known person's texts (the facts are seen as often as when a small corpus was re-read 45 times);
 #   2. pretrain the memory model on it (runs/cpu_scale/pretrain; resumes from its checkpoints);
 #   3. collect background df + access counts (tfidf and kl rankings);
-#   4. evaluate the starting model (known-fact F1 = what there is to forget).
+#   4. split the known facts by their relation to the new ones (smft_dist.eval.related: same answer
+#      or not), then evaluate the starting model (known-fact F1 = what there is to forget).
 # Then: python -m benchmarks.pareto --grid benchmarks/grids/cpu_scale.yaml [--workers N]
 # Extra key=value arguments go to stage 2, e.g. `train.steps=8000`. NPROC=2 runs stages 2-3 on 2 gloo processes.
 set -euo pipefail
@@ -17,6 +18,8 @@ DATA=data/cpu_scale OUT=runs/cpu_scale
 [[ -f $OUT/pretrain/hf/config.json ]] || "${RUN[@]}" -m smft_dist.train --config configs/cpu_scale_pretrain.yaml "$@"
 [[ -f $OUT/background.safetensors ]] || \
   "${RUN[@]}" -m smft_dist.background --config configs/cpu_scale_smft.yaml --out "$OUT/background.safetensors" --batches 1000
+[[ -f $DATA/facts_known_other.jsonl ]] || $PY -m smft_dist.eval.related --known "$DATA/facts_known.jsonl" \
+  --new "$DATA/facts_new.jsonl" --max-known 256 --max-new 64 --out "$DATA"
 [[ -f $OUT/start/metrics.jsonl ]] || \
   $PY -m smft_dist.evaluate --config configs/cpu_scale_smft.yaml --model "$OUT/pretrain/hf" --out "$OUT/start" > /dev/null
 grep '"split": "memory"' "$OUT/pretrain/metrics.jsonl" | tail -1
