@@ -487,18 +487,34 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def _child(node: Any, part: str, key: str) -> Any:
+    """``node[part]`` for an override path: a section of a mapping (created when missing), or an item
+    of a list named by its index or by its ``name`` field (``eval.tasks.new_facts.source.max_examples``)."""
+    if isinstance(node, dict):
+        return node.setdefault(part, {})
+    if isinstance(node, list):
+        if part.isdigit() and int(part) < len(node):
+            return node[int(part)]
+        named = [item for item in node if isinstance(item, dict) and item.get("name") == part]
+        if len(named) == 1:
+            return named[0]
+        raise ConfigError(f"{key}: no single item {part!r} in the list (an index below {len(node)} or an item's name)")
+    raise ConfigError(f"{key}: {part} is not a section")
+
+
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
-    """Apply ``a.b.c=value`` strings (values parsed as YAML) to a nested dict, in place."""
+    """Apply ``a.b.c=value`` strings (values parsed as YAML) to a nested dict, in place; a list item is
+    addressed by its index or its ``name``."""
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value")
-        node = data
+        node: Any = data
         parts = key.split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{key}: {part} is not a section")
+            node = _child(node, part, key)
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: {parts[-2]} is not a section")
         node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
     return data
 

@@ -17,6 +17,17 @@ def test_yaml_and_overrides(tmp_path):
     assert (cfg.model.dim, cfg.model.memory.layers, cfg.model.memory.heads, cfg.model.norm_eps) == (32, [1], 2, 1e-6)
 
 
+def test_overrides_address_list_items_by_index_or_name(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("eval:\n  tasks:\n    - {name: a, kind: qa, source: {path: x.jsonl, max_examples: 4}}\n"
+                    "    - {name: b, kind: nll, source: {path: y.jsonl}}\n")
+    cfg = load_config(path, ["eval.tasks.a.source.max_examples=16", "eval.tasks.1.source.path=z.jsonl"])
+    assert (cfg.eval.tasks[0].source.max_examples, cfg.eval.tasks[1].source.path) == (16, "z.jsonl")
+    for bad in ("eval.tasks.c.source.path=w", "eval.tasks.2.source.path=w", "eval.tasks.a.source.path.x=1"):
+        with pytest.raises(ConfigError, match=f"^{bad.partition('=')[0]}"):
+            load_config(path, [bad])
+
+
 @pytest.mark.parametrize(
     "overrides,field",
     [
