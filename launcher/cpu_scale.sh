@@ -20,6 +20,10 @@ DATA=data/cpu_scale OUT=runs/cpu_scale
   "${RUN[@]}" -m smft_dist.background --config configs/cpu_scale_smft.yaml --out "$OUT/background.safetensors" --batches 1000
 [[ -f $DATA/facts_known_other.jsonl ]] || $PY -m smft_dist.eval.related --known "$DATA/facts_known.jsonl" \
   --new "$DATA/facts_new.jsonl" --max-known 256 --max-new 64 --out "$DATA"
+for n in 256 900; do  # the stream-length grids (benchmarks/grids/cpu_scale_stream*.yaml)
+  [[ -f $DATA/related_$n/facts_known_other.jsonl ]] || $PY -m smft_dist.eval.related --known "$DATA/facts_known.jsonl" \
+    --new "$DATA/facts_new.jsonl" --max-known 256 --max-new $n --out "$DATA/related_$n"
+done
 [[ -f $OUT/start/metrics.jsonl ]] || \
   $PY -m smft_dist.evaluate --config configs/cpu_scale_smft.yaml --model "$OUT/pretrain/hf" --out "$OUT/start" > /dev/null
 grep '"split": "memory"' "$OUT/pretrain/metrics.jsonl" | tail -1
