@@ -36,6 +36,8 @@ CASES = {
                            r"method\.background: df statistics for table 'mem_values_1' cover 16 slots .* 64 slots"),
     "adam_on_cpu": (["sparse_optim.type=adam"], r"sparse_optim\.type: FBGEMM has no adam kernel on cpu"),
     "empty_data_file": (["data.pretrain.source.path={empty}"], r"empty\.jsonl: has no records"),
+    "non_utf8_data_file": (["data.pretrain.source.path={latin1}"],
+                           r"latin1\.jsonl:3: not UTF-8 \(byte 0xe9 at column \d+\); re-encode the file as UTF-8$"),
     "on_corrupt_previous_keep_one": (["checkpoint.on_corrupt=previous", "checkpoint.keep_last=1"],
                                      r"checkpoint\.keep_last: on_corrupt=previous needs an older checkpoint"),
     "nan_loss_fails": (["method.dense_lr=1e30", "train.steps=3"], r"step 2: non-finite loss \((nan|inf)\)"),
@@ -174,13 +176,16 @@ def one_rank(world, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("one_rank")
     (tmp / "empty.jsonl").write_text("")
+    lines = (world / "pretrain.jsonl").read_bytes().splitlines(keepends=True)[:5]
+    lines[2] = lines[2].replace(b'"text": "', '"text": "caf\u00e9 '.encode("latin-1"), 1)  # a Latin-1 é
+    (tmp / "latin1.jsonl").write_bytes(b"".join(lines))
     df16 = BackgroundStats.empty({"mem_values_1": 16})
     df16.add_batch({"mem_values_1": torch.ones(16)})
     df16.save(tmp / "df16.safetensors")
     model = load_config(None, _base(world, tmp))
     SMFTForCausalLM(SMFTConfig(model=to_dict(model.model))).save_pretrained(tmp / "hf64")
     (tmp / "empty.yaml").write_text("{}\n")
-    fill = {"hf": tmp / "hf64", "df16": tmp / "df16.safetensors", "empty": tmp / "empty.jsonl"}
+    fill = {"hf": tmp / "hf64", "df16": tmp / "df16.safetensors", "empty": tmp / "empty.jsonl", "latin1": tmp / "latin1.jsonl"}
     jobs, outs = [], {}
     for name, overrides in [*((n, o) for n, (o, _) in CASES.items()), *RUNS.items()]:
         out = tmp / ("metrics" if name.startswith("metrics_") else name)
@@ -215,6 +220,23 @@ def test_bad_input_ends_in_one_line_naming_it(one_rank, name):
     _, line = one_rank[name]
     assert "\n" not in line and line.startswith("smft_dist.train: "), line
     assert re.search(CASES[name][1], line), line
+
+
+def test_utf8_check_names_the_line_and_reads_across_chunks(tmp_path, monkeypatch):
+    from smft_dist.data import sources
+    from smft_dist.data.schemas import DataError
+
+    monkeypatch.setattr(sources, "UTF8_CHUNK", 3)  # "é" (2 bytes) and "€" (3 bytes) straddle chunk ends
+    good = tmp_path / "good.txt"
+    good.write_text("aé€\nb€é\n", encoding="utf-8")
+    sources.check_utf8(str(good))
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("aé\n€\n".encode() + b"x\xff\n")
+    with pytest.raises(DataError, match=r"bad\.txt:3: not UTF-8 \(byte 0xff at column 2\)"):
+        sources.check_utf8(str(bad))
+    bad.write_bytes("aé\n".encode() + "€".encode()[:2])  # cut inside the last character
+    with pytest.raises(DataError, match=r"bad\.txt:2: not UTF-8 \(byte 0xe2 at column 1\)"):
+        sources.check_utf8(str(bad))
 
 
 @pytest.mark.multirank
