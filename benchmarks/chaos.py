@@ -15,8 +15,8 @@ The schedule (:func:`fault_schedule`, from ``--seed``) deals every kind in turn,
 * ``corrupt``: SIGKILL of a random rank once two checkpoints exist, then bytes flipped in a random
   file of the newest checkpoint before the restart (which resumes from the intact one before it).
 
-A random moment: once the launch has logged a random share of the steps it has left, plus a random
-share of a step (timed on the uninterrupted run). Printed: the faults survived, the restarts and the steps redone (steps trained
+A random moment: once the launch has logged a random share of its part of the steps left (those
+over the faults left), plus a random share of a step (timed on the uninterrupted run). Printed: the faults survived, the restarts and the steps redone (steps trained
 again because the fault came after their last checkpoint), and whether the export is bit-equal.
 """
 
@@ -189,13 +189,13 @@ def flip_bytes(step_dir: Path, rng: random.Random) -> Path:
     return path
 
 
-def inject(launch: Launch, fault: Fault, total_steps: int, ckpt: Path, step_s: float) -> str | None:
-    """Wait for the fault's moment (``step_s``: seconds per step) and apply it; what was done, or
-    None when the run ended first."""
+def inject(launch: Launch, fault: Fault, total_steps: int, ckpt: Path, step_s: float, faults_left: int) -> str | None:
+    """Wait for the fault's moment (``step_s``: seconds per step; the launch's share of the steps
+    left: theirs over ``faults_left``) and apply it; what was done, or None when the run ended first."""
     if not launch.wait_for(lambda: launch.start_step() is not None):
         return None
     start = launch.start_step()
-    target = start + int(fault.share * (total_steps - start))
+    target = start + int(fault.share * -(-(total_steps - start) // faults_left))
     if fault.kind == "sigterm" and start < total_steps - 1:  # while a step boundary is left to stop at
         target = min(max(target, start + 1), total_steps - 2)  # (the last step ends in the final save anyway)
     if fault.kind == "corrupt":  # an older checkpoint must exist to fall back to
@@ -245,7 +245,7 @@ def run(seed: int, n_faults: int, steps: int, tmp: Path, log=print) -> dict:
         launch = Launch(config, smft_overrides(world, base / "hf", out, steps), tmp)
         launches += 1
         fault = schedule[survived] if survived < len(schedule) else None
-        done = inject(launch, fault, steps, out / "ckpt", step_s) if fault else None
+        done = inject(launch, fault, steps, out / "ckpt", step_s, n_faults - survived) if fault else None
         rc = launch.finish()
         start = launch.start_step() or 0
         trained += max(launch.steps(), default=start) - start
