@@ -1,7 +1,6 @@
 """No rank holds a whole value table: ``train.init_from`` reads each rank's rows from the saved
 file, training never gathers, checkpoints hold tables in bounded blocks of rows, and the HF export
-streams rows to rank 0 in bounded
-chunks."""
+streams rows to rank 0 in bounded chunks."""
 
 from __future__ import annotations
 
