@@ -36,6 +36,8 @@ CASES = {
                            r"method\.background: df statistics for table 'mem_values_1' cover 16 slots .* 64 slots"),
     "adam_on_cpu": (["sparse_optim.type=adam"], r"sparse_optim\.type: FBGEMM has no adam kernel on cpu"),
     "empty_data_file": (["data.pretrain.source.path={empty}"], r"empty\.jsonl: has no records"),
+    "non_utf8_data_file": (["data.pretrain.source.path={latin1}"],
+                           r"latin1\.jsonl:3: not UTF-8 \(byte 0xe9 at column \d+\); re-encode the file as UTF-8$"),
     "on_corrupt_previous_keep_one": (["checkpoint.on_corrupt=previous", "checkpoint.keep_last=1"],
                                      r"checkpoint\.keep_last: on_corrupt=previous needs an older checkpoint"),
     "nan_loss_fails": (["method.dense_lr=1e30", "train.steps=3"], r"step 2: non-finite loss \((nan|inf)\)"),
@@ -174,13 +176,16 @@ def one_rank(world, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("one_rank")
     (tmp / "empty.jsonl").write_text("")
+    lines = (world / "pretrain.jsonl").read_bytes().splitlines(keepends=True)[:5]
+    lines[2] = lines[2].replace(b'"text": "', '"text": "caf\u00e9 '.encode("latin-1"), 1)  # a Latin-1 é
+    (tmp / "latin1.jsonl").write_bytes(b"".join(lines))
     df16 = BackgroundStats.empty({"mem_values_1": 16})
     df16.add_batch({"mem_values_1": torch.ones(16)})
     df16.save(tmp / "df16.safetensors")
     model = load_config(None, _base(world, tmp))
     SMFTForCausalLM(SMFTConfig(model=to_dict(model.model))).save_pretrained(tmp / "hf64")
     (tmp / "empty.yaml").write_text("{}\n")
-    fill = {"hf": tmp / "hf64", "df16": tmp / "df16.safetensors", "empty": tmp / "empty.jsonl"}
+    fill = {"hf": tmp / "hf64", "df16": tmp / "df16.safetensors", "empty": tmp / "empty.jsonl", "latin1": tmp / "latin1.jsonl"}
     jobs, outs = [], {}
     for name, overrides in [*((n, o) for n, (o, _) in CASES.items()), *RUNS.items()]:
         out = tmp / ("metrics" if name.startswith("metrics_") else name)
@@ -215,6 +220,23 @@ def test_bad_input_ends_in_one_line_naming_it(one_rank, name):
     _, line = one_rank[name]
     assert "\n" not in line and line.startswith("smft_dist.train: "), line
     assert re.search(CASES[name][1], line), line
+
+
+def test_utf8_check_names_the_line_and_reads_across_chunks(tmp_path, monkeypatch):
+    from smft_dist.data import sources
+    from smft_dist.data.schemas import DataError
+
+    monkeypatch.setattr(sources, "UTF8_CHUNK", 3)  # "é" (2 bytes) and "€" (3 bytes) straddle chunk ends
+    good = tmp_path / "good.txt"
+    good.write_text("aé€\nb€é\n", encoding="utf-8")
+    sources.check_utf8(str(good))
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("aé\n€\n".encode() + b"x\xff\n")
+    with pytest.raises(DataError, match=r"bad\.txt:3: not UTF-8 \(byte 0xff at column 2\)"):
+        sources.check_utf8(str(bad))
+    bad.write_bytes("aé\n".encode() + "€".encode()[:2])  # cut inside the last character
+    with pytest.raises(DataError, match=r"bad\.txt:2: not UTF-8 \(byte 0xe2 at column 1\)"):
+        sources.check_utf8(str(bad))
 
 
 @pytest.mark.multirank
@@ -348,14 +370,13 @@ def _guarded_rows(rank: int, world: int, method: str, sparse_optim: str) -> tupl
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("method,sparse_optim,world", [("smft", "exact_sgd", 2), ("memory_ft", "exact_rowwise_adagrad", 1),
-                                                        ("pretrain", "exact_sgd", 1)])
-def test_row_guard_copies_only_the_rows_a_deferred_update_trains(method, sparse_optim, world):
+                                                        ("pretrain", "exact_rowwise_adagrad", 2)])
+def test_row_guard_copies_only_the_rows_a_step_can_train(method, sparse_optim, world):
+    """Deferred updates: the rows selected; updates inside the backward: the rows read (every rank's)."""
     for norms, copied, shard, error in run_ranks(_guarded_rows, world, method, sparse_optim):
         for measured, reference in norms:
             assert reference > 0
             torch.testing.assert_close(measured, reference, rtol=1e-5, atol=1e-6)
-        if method == "pretrain":  # rows update inside the backward: the shard is copied
-            assert copied == shard
-        else:
-            assert copied < shard, f"{method}: the guard copied {copied} of the shard's {shard} values"
+        assert copied < shard, f"{method}: the guard copied {copied} of the shard's {shard} values"
+        assert error.startswith("step 3: non-finite value rows in table mem_values_1"), error
         assert error == "step 3: non-finite value rows in table mem_values_1; lower method.value_lr", error

@@ -22,6 +22,14 @@ def _job(method: str = "pretrain", **kw):
     return job
 
 
+BLOCK_ROWS = 5  # checkpoint blocks of 5 rows: several per shard, one across the 32-row shards' boundary
+
+
+def _small_blocks(job) -> None:
+    """Save tables in BLOCK_ROWS-row blocks (this process), as a large table is saved."""
+    ckpt.TABLE_CHUNK_BYTES = BLOCK_ROWS * 4 * job.model.value_dim
+
+
 def _steps(par, rank, world, start, stop):
     losses = []
     for step in range(start, stop):
@@ -38,6 +46,7 @@ def _snapshot(par) -> dict:
 
 def _resume(rank: int, world: int, root: str, method: str, zero_stage: int) -> dict:
     job = _job(method, zero_stage=zero_stage)
+    _small_blocks(job)
     cfg = CheckpointConfig(dir=root, keep_last=2)
     _, straight = build(job)
     _steps(straight, rank, world, 0, 2)
@@ -62,6 +71,7 @@ def test_resume_equals_uninterrupted(tmp_path, method, zero_stage):
 
 def _save_two(rank: int, world: int, root: str) -> dict:
     job = _job()
+    _small_blocks(job)
     _, par = build(job)
     _steps(par, rank, world, 0, 1)
     ckpt.save_checkpoint(par, CheckpointConfig(dir=root), step=1, model_cfg=job.model)
@@ -92,6 +102,8 @@ def _load_variants(rank: int, world: int, root: str) -> dict:
 @pytest.mark.multirank
 def test_reshard_two_ranks_to_one_and_back(tmp_path):
     saved = run_ranks(_save_two, 2, str(tmp_path))[0]
+    manifest = ckpt.read_manifest(tmp_path / "step_00000001")
+    assert manifest["tables"]["mem_values_1"]["chunk_rows"] == BLOCK_ROWS  # loads below read these blocks
     one = run_ranks(_load_variants, 1, str(tmp_path))[0]
     two = run_ranks(_load_on, 2, str(tmp_path), "row_wise")[0]
     for variant, loaded in (("1 rank", one["row_wise"]), ("1 rank replicated", one["data_parallel"]), ("2 ranks", two)):

@@ -1,6 +1,6 @@
 """No rank holds a whole value table: ``train.init_from`` reads each rank's rows from the saved
-file, training and checkpoints never gather, and the HF export streams rows to rank 0 in bounded
-chunks."""
+file, training never gathers, checkpoints hold tables in bounded blocks of rows, and the HF export
+streams rows to rank 0 in bounded chunks."""
 
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ def _init_train_export(rank: int, world: int, saved: str, out: str, ckpt: str) -
     loaded = table.local_weight().clone()
     ids, mask, labels = batch(world * B, 0)
     train_step(par, *(rank_slice(t, rank, world, world * B) for t in (ids, mask, labels)))
+    checkpoint.TABLE_CHUNK_BYTES = CHUNK_ROWS * 4 * table.dim  # checkpoint blocks of CHUNK_ROWS rows too
     checkpoint.save_checkpoint(par, CheckpointConfig(dir=ckpt), 1, job.model)
     checkpoint.load_checkpoint(par, ckpt)
     checkpoint.export_hf(par, job.model, out, chunk_bytes=CHUNK_ROWS * 4 * table.dim)
@@ -66,6 +67,16 @@ def test_init_from_training_checkpoints_and_export_never_hold_a_whole_table(tmp_
         assert r["reads"] == [(lo, hi)] and hi - lo == rows.shape[0] // 2
         assert torch.equal(r["loaded"], rows[lo:hi])
     assert ranks[0]["received"] == [5] * 6 + [2] and ranks[1]["received"] == []
+
+    # the checkpoint holds the table as blocks of at most CHUNK_ROWS rows, one file each (the writer
+    # keeps its copies of a file's items until the file closes)
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(tmp_path / "ckpt" / "step_00000001" / "tables").read_metadata()
+    blocks = [m.size for k, m in meta.state_dict_metadata.items() if k.startswith("mem_values_1.weight")]
+    assert len(blocks) == -(-rows.shape[0] // CHUNK_ROWS) and max(size[0] for size in blocks) == CHUNK_ROWS
+    paths = [info.relative_path for info in meta.storage_data.values()]
+    assert len(set(paths)) == len(paths)
 
     exported = SMFTForCausalLM.from_pretrained(tmp_path / "out").model
     torch.testing.assert_close(exported.value_tables["mem_values_1"].weight, torch.cat([r["trained"] for r in ranks]), rtol=0, atol=0)

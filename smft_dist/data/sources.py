@@ -1,12 +1,13 @@
 """Record sources: local jsonl / parquet / text files or hub datasets, loaded with HF ``datasets``
 and converted to one canonical schema (:mod:`smft_dist.data.schemas`).
 
-A malformed local jsonl file (bad JSON, a missing or null field) raises :class:`DataError` naming
-the file and line.
+A malformed local jsonl file (bad JSON, a missing or null field) or a jsonl / text file with bytes
+that are not UTF-8 raises :class:`DataError` naming the file and line.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 from pathlib import Path
@@ -19,6 +20,7 @@ from smft_dist.data import hub_formats
 from smft_dist.data.schemas import FIELDS, DataError
 
 _SUFFIX_FORMAT = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".txt": "text", ".text": "text"}
+UTF8_CHUNK = 16 << 20  # bytes decoded at a time by check_utf8
 
 
 def load_records(src: SourceConfig, want: str, cache_dir: str | None = None) -> datasets.Dataset | datasets.IterableDataset:
@@ -67,6 +69,9 @@ def resolve_files(path: str) -> list[str]:
 
 def _load_local(files: list[str], fmt: str, fields: tuple[str, ...], streaming: bool, cache_dir: str | None):
     builder = {"jsonl": "json", "parquet": "parquet", "text": "text"}[fmt]
+    if fmt != "parquet":  # pyarrow's UnicodeDecodeError names neither file nor line
+        for f in files:
+            check_utf8(f)
     try:
         ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, cache_dir=cache_dir)
         if not streaming:
@@ -108,6 +113,26 @@ def _check_columns(ds, fields: tuple[str, ...], where: str) -> None:
             raise DataError(f"{where}: missing field {name!r} (columns: {', '.join(columns)})")
         if isinstance(ds, datasets.Dataset) and ds.data.column(name).null_count:
             raise DataError(f"{where}: field {name!r} is null in some records")
+
+
+def check_utf8(path: str) -> None:
+    """Raise :class:`DataError` ``path:line: not UTF-8 ...`` at the first byte that is not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as fh:
+        try:
+            while chunk := fh.read(UTF8_CHUNK):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+            return
+        except UnicodeDecodeError:
+            pass
+        fh.seek(0)  # find the line: a newline byte is never part of a multi-byte sequence
+        for lineno, line in enumerate(fh, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
+                                "re-encode the file as UTF-8") from None
 
 
 def check_jsonl(path: str, fields: tuple[str, ...]) -> None:

@@ -3,7 +3,8 @@
 Layout (one directory per step, written atomically)::
 
     <dir>/step_00000100/manifest.json   step, world size, tables, every file with its size and crc32
-                        tables/         torch.distributed.checkpoint (each rank writes its rows)
+                        tables/         torch.distributed.checkpoint: each rank writes its rows,
+                                        in blocks of <= TABLE_CHUNK_BYTES, one file per block
                         dense/dense/    DeepSpeed checkpoint (module, optimizer partitions), or
                         dense/model.safetensors   when the dense model is frozen (no engine)
     <dir>/latest                        "step_00000100", replaced only after a complete write
@@ -37,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import StorageMeta
 
@@ -45,11 +46,12 @@ from smft_dist.config import CheckpointConfig, ModelConfig, to_dict
 from smft_dist.distributed.parallelize import Parallel
 from smft_dist.smft.methods import merged_state_dict
 
-FORMAT_VERSION = 2  # 2: files carry a crc32, the manifest its own
+FORMAT_VERSION = 3  # 2: files carry a crc32, the manifest its own; 3: tables in blocks of rows
 LATEST = "latest"
 MANIFEST = "manifest.json"
 DENSE_TAG = "dense"
 HASH_CHUNK = 16 << 20  # bytes read per crc32 update
+TABLE_CHUNK_BYTES = 64 << 20  # the largest DCP item of a table: a save or load holds one at a time
 FROZEN_DENSE = "dense/model.safetensors"  # when no dense parameter trains (no DeepSpeed engine)
 
 
@@ -62,16 +64,66 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _table_state(par: Parallel) -> dict:
-    """Tensors only (no pickled objects): rows and optimizer state of every table."""
+def _table_state(par: Parallel, chunk_rows: dict[str, int]) -> dict:
+    """Tensors only (no pickled objects): rows and optimizer state of every table, each per-row tensor
+    as blocks of ``chunk_rows[name]`` global rows (filled in where missing: :func:`_chunk_rows`), so
+    that DCP copies and reads at most ``TABLE_CHUNK_BYTES`` at a time and any world size or placement
+    loads them."""
     state = {}
     for name, table in par.tables.items():
-        state[f"{name}.weight"] = table.ebc.state_dict()[table.weight_key]
+        items = {"weight": table.ebc.state_dict()[table.weight_key]}
         for param_state in table.optimizer_state()["state"].values():
             for key, value in param_state.items():
                 if isinstance(value, torch.Tensor):
-                    state[f"{name}.optim.{key}"] = value
+                    items[f"optim.{key}"] = value
+        rows = chunk_rows.setdefault(name, _chunk_rows(table, items.values()))
+        for key, value in items.items():
+            state.update(_row_blocks(f"{name}.{key}", value, table.num_rows, rows))
     return state
+
+
+def _chunk_rows(table, tensors) -> int:
+    """Rows per checkpoint block: the widest per-row tensor's rows in ``TABLE_CHUNK_BYTES``."""
+    row_bytes = max((t.dtype.itemsize * math.prod(t.size()[1:]) for t in tensors if t.size()[:1] == (table.num_rows,)),
+                    default=4 * table.dim)
+    return max(1, TABLE_CHUNK_BYTES // max(row_bytes, 1))
+
+
+def _row_blocks(key: str, t: torch.Tensor, num_rows: int, chunk_rows: int) -> dict[str, torch.Tensor]:
+    """``t`` (a per-row tensor of the table: plain, or row-wise ShardedTensor) as ``key.rows<lo>-<hi>``
+    blocks of global rows, each this rank's part of them (views, no copy); anything else whole."""
+    if t.size()[:1] != (num_rows,):
+        return {key: t}
+    blocks = {}
+    for lo in range(0, num_rows, chunk_rows):
+        hi = min(num_rows, lo + chunk_rows)
+        blocks[f"{key}.rows{lo}-{hi}"] = _sharded_block(t, lo, hi) if hasattr(t, "local_shards") else t[lo:hi]
+    return blocks
+
+
+def _sharded_block(t, lo: int, hi: int):
+    """Rows ``lo:hi`` of a row-wise ShardedTensor as a ShardedTensor over the same ranks (views of
+    the local shards; no collective)."""
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata
+    from torch.distributed._shard.sharding_spec import ShardMetadata
+
+    def cut(md: ShardMetadata) -> ShardMetadata | None:
+        a, b = max(lo, md.shard_offsets[0]), min(hi, md.shard_offsets[0] + md.shard_sizes[0])
+        if a >= b:
+            return None
+        return ShardMetadata([a - lo, *md.shard_offsets[1:]], [b - a, *md.shard_sizes[1:]], md.placement)
+
+    meta = t.metadata()
+    shards = [m for m in map(cut, meta.shards_metadata) if m is not None]
+    local = []
+    for shard in t.local_shards():
+        if (m := cut(shard.metadata)) is not None:
+            start = m.shard_offsets[0] + lo - shard.metadata.shard_offsets[0]
+            local.append(Shard(shard.tensor[start : start + m.shard_sizes[0]], m))
+    size = torch.Size([hi - lo, *meta.size[1:]])
+    return ShardedTensor._init_from_local_shards_and_global_metadata(
+        local, ShardedTensorMetadata(shards, size, meta.tensor_properties), process_group=t._process_group
+    )
 
 
 def save_checkpoint(
@@ -90,7 +142,12 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dcp.save(_table_state(par), checkpoint_id=tmp / "tables")
+    chunk_rows: dict[str, int] = {}
+    state = _table_state(par, chunk_rows)
+    # one file per item: DCP's writer copies each item (a view of the TBE storage) and keeps the
+    # copies of a file until it closes, so one file per rank would hold a copy of the whole shard
+    dcp.save(state, storage_writer=FileSystemWriter(tmp / "tables", single_file_per_rank=False))
+    del state
     if par.engine is not None:
         par.engine.save_checkpoint(str(tmp / "dense"), tag=DENSE_TAG, save_latest=False)
     elif rank == 0:  # frozen dense model: its weights alone
@@ -104,7 +161,8 @@ def save_checkpoint(
             "format": FORMAT_VERSION,
             "step": step,
             "world_size": dist.get_world_size(),
-            "tables": {n: {"num_rows": t.num_rows, "dim": t.dim, "placement": t.placement} for n, t in par.tables.items()},
+            "tables": {n: {"num_rows": t.num_rows, "dim": t.dim, "placement": t.placement, "chunk_rows": chunk_rows[n]}
+                       for n, t in par.tables.items()},
             "model": to_dict(model_cfg) if model_cfg is not None else None,
             "trainer": trainer or {},
             "files": {f: {"size": (tmp / f).stat().st_size, "crc32": checksums[f]} for f in files},
@@ -237,7 +295,7 @@ def load_checkpoint(par: Parallel, path: str | Path, load_optimizer: bool = True
     missing = set(par.tables) ^ set(manifest["tables"])
     if missing:
         raise CheckpointError(f"{path}: tables {sorted(missing)} differ between checkpoint and model")
-    state = _table_state(par)
+    state = _table_state(par, {n: t["chunk_rows"] for n, t in manifest["tables"].items()})
     if not load_optimizer:
         state = {k: v for k, v in state.items() if ".optim." not in k}
     dcp.load(state, storage_reader=_SafeReader(path / "tables"), planner=_SafeLoadPlanner())

@@ -11,11 +11,13 @@ Where each check sits, and why ``train.on_nonfinite=skip`` covers non-finite *lo
   backward). By then the backward has already stepped the value rows, so the update cannot be
   withdrawn: the run always stops.
 * value rows: :class:`NonFiniteGuard` snapshots each rank's rows before a logged step and reports the
-  norm of their change (``row_update_norm/<table>``); a non-finite change stops the run. Under
-  deferred updates (smft, memory_ft) it copies only the rows the step updates, taken just before the
-  update (O(rows trained), not O(shard)); where rows update inside the backward (pretraining, full
-  finetuning) or under a torch AdamW (its moments move rows the step did not read) the rows that
-  change are not known beforehand, and it copies the rank's shard.
+  norm of their change (``row_update_norm/<table>``); a non-finite change stops the run. It copies
+  only rows that can change: under deferred updates (smft, memory_ft) the rows the step updates,
+  taken just before the update; where rows update inside the backward (pretraining, full
+  finetuning) with a fused FBGEMM optimizer or SGD, the rows each lookup reads, taken as the lookup
+  delivers them to their owner (before any backward); O(rows read), not O(shard). A torch AdamW
+  (its moments move rows the step did not read) or a replicated table (other ranks' reads update
+  it) copies the rank's shard.
 """
 
 from __future__ import annotations
@@ -74,9 +76,11 @@ class NonFiniteGuard:
         before: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
         if measure_rows:
             for n, t in tables.items():
-                if _updates_only_selected_rows(t):  # filled just before the update; no update: no change
+                if _updates_only_selected_rows(t) or _updates_only_read_rows(t):  # filled as rows are read / selected
                     w = t.local_weight()
                     before[n] = (torch.empty(0, dtype=torch.long, device=w.device), w.new_empty(0, t.dim))
+                    if not t.deferred_rows:
+                        t.on_read = lambda rows, n=n: before.__setitem__(n, _add_rows(tables[n], *before[n], rows))
                 else:
                     before[n] = (None, t.local_weight().detach().clone())
             self.par.before_row_update = lambda n, rows: before.__setitem__(n, _rows_before(tables[n], rows))
@@ -91,6 +95,8 @@ class NonFiniteGuard:
             loss = None
         finally:
             self.par.before_row_update = None
+            for t in tables.values():
+                t.on_read = None
         if before:
             self.row_update_norms = {n: _update_norm(tables[n], *snapshot) for n, snapshot in sorted(before.items())}
             bad = sorted(n for n, v in self.row_update_norms.items() if not math.isfinite(v))
@@ -105,10 +111,28 @@ class NonFiniteGuard:
         return out
 
 
+def _steps_looked_up_rows_only(table) -> bool:
+    """A fused FBGEMM optimizer or a plain SGD steps the looked-up rows alone (AdamW moves every row)."""
+    return table.row_optimizer is None or type(table.row_optimizer) is torch.optim.SGD
+
+
 def _updates_only_selected_rows(table) -> bool:
-    """Whether a step changes only the rows its deferred update selects: a fused FBGEMM optimizer or
-    a plain SGD steps the looked-up rows alone."""
-    return table.deferred_rows and (table.row_optimizer is None or type(table.row_optimizer) is torch.optim.SGD)
+    """Whether a step changes only the rows its deferred update selects."""
+    return table.deferred_rows and _steps_looked_up_rows_only(table)
+
+
+def _updates_only_read_rows(table) -> bool:
+    """Whether a step changes only rows this rank's lookups deliver to it: rows updating inside the
+    backward of a row-wise table, whose owner sees every rank's reads of them."""
+    return not table.deferred_rows and table.placement == "row_wise" and _steps_looked_up_rows_only(table)
+
+
+def _add_rows(table, local: torch.Tensor, before: torch.Tensor, read: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(local, before)`` plus the offsets and current values of the rows in ``read`` (local
+    offsets) not held yet: a row read again later may have updated since its first read."""
+    read = torch.unique(read.to(local.device, torch.long))
+    new = read[~torch.isin(read, local)]
+    return torch.cat([local, new]), torch.cat([before, table.local_weight().detach().index_select(0, new)])
 
 
 def _rows_before(table, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

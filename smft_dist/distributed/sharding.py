@@ -26,6 +26,8 @@ lr-only ``fused_optimizer.step()`` and the delivered weights are checked by :mod
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -162,6 +164,7 @@ class ShardedValueTable(ValueTable):
             raise ConfigError(f"model.memory.v_dim: value table {name!r} has dim {self.dim}, FBGEMM needs a multiple of 4")
         self.name, self.placement, self.optim = name, placement, optim.type
         self.deferred_rows, self.lr = deferred_rows, lr
+        self.on_read: Callable[[torch.Tensor], None] | None = None  # sees the local rows each lookup reads (NonFiniteGuard)
         self.group = group if group is not None else dist.group.WORLD
         device = device or (init.device if isinstance(init, torch.Tensor) else torch.device("cpu"))
         world = dist.get_world_size(self.group)
@@ -246,6 +249,8 @@ class ShardedValueTable(ValueTable):
         kjt = KeyedJaggedTensor(keys=list(FEATURES), values=values, lengths=lengths, weights=w.detach())
         ctx = self.ebc.create_context()
         delivered = self.ebc.input_dist(ctx, kjt).wait().wait()
+        if self.on_read is not None:
+            self.on_read(delivered[0].values())
         if w.requires_grad:
             self._attach_weights(delivered[0], values, w)
         return self.ebc.compute_and_output_dist(ctx, delivered).wait().values()

@@ -136,6 +136,8 @@ class SeededRows:
             n = min(self.chunk, self.num_rows - start)
             block = init_values_(torch.empty(n, self.dim), generator=g)
             parts.append(block[max(lo - start, 0) : min(hi - start, n)])
+        if len(parts) == 1:  # a range inside one chunk (how shards initialize): no second copy
+            return parts[0]
         return torch.cat(parts) if parts else torch.empty(0, self.dim)
 
 
