@@ -112,6 +112,23 @@ def test_a_foreign_base_is_refused(one_rank_run, tmp_path):
         apply(run / "base", run / "patch", run / "trained")
 
 
+def test_cli_round_trip_and_one_line_errors(one_rank_run, tmp_path, capsys):
+    from smft_dist.patch import main
+
+    run = one_rank_run
+    main(["apply", "--model", str(run / "base"), "--patch", str(run / "patch"), "--out", str(tmp_path / "m")])
+    _assert_same_model(tmp_path / "m", run / "trained")
+    main(["show", str(run / "patch"), "--png", str(tmp_path / "p.png")])
+    assert '"rows_changed"' in capsys.readouterr().out and (tmp_path / "p.png").stat().st_size > 0
+    for argv, why in ((["apply", "--model", str(run / "trained"), "--patch", str(run / "patch"), "--out", str(tmp_path / "x")], "not the base"),
+                      (["merge", str(run / "patch"), str(run / "patch"), "--out", str(tmp_path / "y")], "more than one patch"),
+                      (["forget", "--patch", str(run / "patch"), "--fact", "0", "--out", str(tmp_path / "z")], "log_selected_slots"),
+                      (["show", str(tmp_path)], "not a knowledge patch")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert str(e.value).startswith("smft_dist.patch: ") and why in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.slow
 @pytest.mark.multirank
 def test_patch_written_on_two_ranks_applies_on_one_and_back(tmp_path):
