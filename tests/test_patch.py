@@ -18,6 +18,7 @@ from smft_dist.patching.ops import diff_tables, model_dense_hash
 from smft_dist.smft.methods import apply_method
 from tests.distributed_helpers import B, background, batch, rank_slice, tiny_job
 from tests.multiproc import run_ranks
+from tests.test_train import world  # noqa: F401  (fixture)
 
 
 def _tensors(path) -> dict[str, torch.Tensor]:
@@ -271,3 +272,21 @@ def test_a_damaged_patch_is_refused(tmp_path):
         Patch(tmp_path / "p")
     with pytest.raises(PatchError, match="not a knowledge patch"):
         Patch(tmp_path)
+
+
+@pytest.mark.slow
+def test_an_smft_run_writes_its_patch_with_the_facts_of_its_steps(world, tmp_path):  # noqa: F811
+    from tests.test_train import _job, _train
+
+    pre, run = tmp_path / "pre", tmp_path / "smft"
+    run_ranks(_train, 1, _job(world, pre, "train.steps=2"))
+    assert not (pre / "patch").exists(), "pretraining changes dense weights: no patch"
+    run_ranks(_train, 1, _job(world, run, f"train.init_from={pre}/hf", "train.stream=continual", "train.steps=3",
+                              "method.name=smft", "method.ranking=tf", "method.top_t=5", "train.log_selected_slots=true"))
+    p = Patch(run / "patch")
+    assert p.manifest["method"] == "smft" and p.manifest["config"]["method"]["top_t"] == 5
+    assert [s["fact"] for s in p.steps["steps"]] == ["0", "1", "2"] and p.steps["facts"]["0"]["fact"]
+    apply(pre / "hf", p, tmp_path / "applied")
+    _assert_same_model(tmp_path / "applied", run / "hf")
+    report = forget(p, "0", tmp_path / "forgot")
+    assert sum(report["rows_reverted"].values()) + sum(report["rows_shared"].values()) > 0
