@@ -5,7 +5,8 @@
     revert --model M --patch P --out BASE    BASE = M - P, bit for bit
     merge  P1 P2 ... --out P [--policy refuse|sum|last]   rows changed by several patches: refused
                                              (default), base + the sum of the deltas, or the last patch's
-    forget --patch P --fact ID|TEXT --out P2 drop the rows only that fact's steps trained
+    forget --patch P --fact ID|TEXT --out P2 [--include-shared]   drop the rows only that fact's steps
+                                             trained (reporting the shared ones), or all of its rows
     show   P [--png F] [--model BASE --known FACTS.jsonl --tokenizer DIR]   what P changed, which facts
                                              trained which rows, which known facts read them
 
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     f.add_argument("--patch", required=True)
     f.add_argument("--fact", required=True, help="a fact id (show lists them) or text found in exactly one fact")
     f.add_argument("--out", required=True)
+    f.add_argument("--include-shared", action="store_true", help="also drop the rows other facts' steps trained too")
     s = sub.add_parser("show", help="audit a patch")
     s.add_argument("patch")
     s.add_argument("--top", type=int, default=5)
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
             out, shared = ops.merge(args.patches, args.out, args.policy)
             print(f"merge: {Patch(out).describe()}; rows changed by several patches: {shared or 'none'} (policy {args.policy})")
         elif args.cmd == "forget":
-            print(json.dumps(ops.forget(args.patch, args.fact, args.out), indent=1))
+            print(json.dumps(ops.forget(args.patch, args.fact, args.out, args.include_shared), indent=1))
         else:
             print(json.dumps(_show(args), indent=1))
     except USER_ERRORS as e:

@@ -257,6 +257,8 @@ def test_forget_reverts_only_the_rows_of_that_fact(tmp_path):
     rows, new, _ = left.entries("t")
     assert rows.tolist() == [3, 4] and torch.equal(new, BASE[[3, 4]] + 1.0)
     assert [s["fact"] for s in left.steps["steps"]] == ["1"] and list(left.steps["facts"]) == ["1"]
+    every = forget(p, "0", tmp_path / "forgot_all", include_shared=True)
+    assert every["rows_reverted"] == {"t": 4} and Patch(tmp_path / "forgot_all").rows("t").tolist() == [4]
     with pytest.raises(PatchError, match="no fact match"):
         forget(p, "Paris", tmp_path / "none")
     with pytest.raises(PatchError, match="2 facts match"):

@@ -385,9 +385,11 @@ def resolve_fact(steps: dict, fact: str) -> str:
     return hits[0]
 
 
-def forget(patch: str | Path | Patch, fact: str, out: str | Path) -> dict:
+def forget(patch: str | Path | Patch, fact: str, out: str | Path, include_shared: bool = False) -> dict:
     """A copy of ``patch`` without the rows only ``fact``'s steps trained (applied, they keep their
-    base values) and without its steps; returns what was reverted and what was shared."""
+    base values) and without its steps; returns what was reverted and what was shared.
+    ``include_shared``: drop every row its steps trained, also those other facts' steps trained (they
+    lose those facts' updates too)."""
     p = patch if isinstance(patch, Patch) else Patch(patch)
     if p.steps is None:
         raise PatchError(f"{p.path}: no per-step row sets (train with train.log_selected_slots=true to forget facts)")
@@ -401,7 +403,7 @@ def forget(patch: str | Path | Patch, fact: str, out: str | Path) -> dict:
     entries, reverted, shared = {}, {}, {}
     for name in p.tables:
         rows, new, old = p.entries(name)
-        only = torch.tensor(sorted(mine[name] - others[name]), dtype=torch.long)
+        only = torch.tensor(sorted(mine[name] if include_shared else mine[name] - others[name]), dtype=torch.long)
         drop = torch.isin(rows, only)
         entries[name] = (rows[~drop], new[~drop], old[~drop])
         reverted[name] = int(drop.sum())
@@ -409,7 +411,7 @@ def forget(patch: str | Path | Patch, fact: str, out: str | Path) -> dict:
     steps = {"steps": [r for r in p.steps["steps"] if r["fact"] != key],
              "facts": {k: v for k, v in p.steps["facts"].items() if k != key}}
     tables = {t: {k: m[k] for k in ("num_rows", "dim", "base_hash")} for t, m in p.tables.items()}
-    report = {"fact": key, "text": p.steps["facts"][key], "rows_reverted": reverted, "rows_shared": shared,
+    report = {"fact": key, "text": p.steps["facts"][key], "include_shared": include_shared, "rows_reverted": reverted, "rows_shared": shared,
               "steps_removed": len(p.steps["steps"]) - len(steps["steps"])}
     history = [*p.manifest.get("history", []), {"op": "forget", "source": p.describe(), **report}]
     manifest = {"method": p.manifest["method"], "config": p.manifest.get("config"), "dense_hash": p.manifest["dense_hash"],
