@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 
 from smft_dist.model.saved import TABLES, saved_value_rows, table_key, tensor_files
 from smft_dist.patching.format import (
