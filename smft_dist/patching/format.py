@@ -36,7 +36,7 @@ from smft_dist.model.value_table import SavedRows, SeededRows
 FORMAT = 1
 MANIFEST = "patch.json"
 STEPS = "steps.json"
-HASH_ROWS = 65536  # rows per hashed block of a table
+HASH_ROWS = 16384  # rows per hashed block of a table (64 MiB at dim 1024)
 CHUNK_ROWS = 16384  # rows read or written at a time
 
 RowSource = torch.Tensor | SeededRows | SavedRows
