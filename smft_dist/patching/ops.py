@@ -203,7 +203,7 @@ def apply(model_dir: str | Path, patch: str | Path | Patch, out: str | Path, rev
     shutil.copytree(model_dir, tmp)
     try:
         for name, m in p.tables.items():
-            _rewrite_table(tmp, name, m, p, reverse)
+            _rewrite_table(tmp, name, m, p, reverse, model_dir)
             if reverse and table_hash(saved_value_rows(tmp, name), m["num_rows"]) != m["base_hash"]:
                 raise PatchError(f"{model_dir}: reverting patch {p.path} does not give its base back (table {name})")
     except BaseException:
@@ -213,14 +213,15 @@ def apply(model_dir: str | Path, patch: str | Path | Patch, out: str | Path, rev
     return out
 
 
-def _rewrite_table(model_dir: Path, name: str, meta: dict, p: Patch, reverse: bool) -> None:
+def _rewrite_table(copy: Path, name: str, meta: dict, p: Patch, reverse: bool, model_dir: Path) -> None:
+    """Write the patch's rows of table ``name`` into ``copy`` (of ``model_dir``, which errors name)."""
     key = table_key(name)
-    file = tensor_files(model_dir)[key]
+    file = tensor_files(copy)[key]
     with open(file, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         entry = json.loads(f.read(n))[key]
     if entry["dtype"] != "F32":
-        raise PatchError(f"{file}: value table {name} is {entry['dtype']}; patches apply to fp32 tables")
+        raise PatchError(f"{model_dir}: value table {name} is {entry['dtype']}; patches apply to fp32 tables")
     start, row_bytes = 8 + n + entry["data_offsets"][0], 4 * meta["dim"]
     span = CHUNK_ROWS * 16
     with open(file, "r+b") as f:
