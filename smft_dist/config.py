@@ -329,6 +329,7 @@ class TrainConfig:
     export_hf: bool = True  # write a consolidated save_pretrained model to out_dir/hf at the end
     on_nonfinite: str = "fail"  # a NaN/inf loss: fail (one line naming the step) | skip (no update that step)
     log_selected_slots: bool = False  # smft: every step's top-t slot ids to out_dir/selected_slots.jsonl
+    write_patch: bool = True  # smft / memory_ft: the changed value rows as a knowledge patch to out_dir/patch at the end
 
     def validate(self) -> None:
         _require(self.steps >= 0, "train.steps", "must be >= 0")

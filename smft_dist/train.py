@@ -24,13 +24,15 @@ from smft_dist.data import DataError, build_stream, load_tokenizer
 from smft_dist.distributed.checkpoint import CheckpointError, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from smft_dist.distributed.env import LaunchError, init_distributed
 from smft_dist.distributed.nonfinite import NonFiniteError, NonFiniteGuard
-from smft_dist.distributed.parallelize import Parallel, parallelize, train_step
+from smft_dist.distributed.parallelize import Parallel, parallelize, train_step, value_table_sources
 from smft_dist.distributed.sharding import value_optimizer
 from smft_dist.distributed.preemption import PreemptionHandler
 from smft_dist.eval import run_eval
 from smft_dist.metrics import MetricLogger
 from smft_dist.model.saved import load_dense
 from smft_dist.model.transformer import Transformer
+from smft_dist.patching import PatchError
+from smft_dist.patching.ops import write_run_patch
 from smft_dist.provenance import log_hparams, write_provenance
 from smft_dist.smft.background import BackgroundStats
 from smft_dist.smft.methods import apply_method
@@ -103,6 +105,7 @@ def train(cfg: JobConfig) -> dict[str, float]:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
     progress = {"step": 0}
     plan = apply_method(model, cfg.method, background, seed_fn=lambda: cfg.train.seed * 1_000_003 + progress["step"])
+    patch_sources = value_table_sources(model, cfg) if cfg.train.write_patch and cfg.method.name in ("smft", "memory_ft") else None
     par = parallelize(model, cfg, plan, device)
     usage = MemoryUsage(par.model.memory_layers())
     slot_log = SelectionLog(Path(cfg.train.out_dir) / "selected_slots.jsonl") if cfg.train.log_selected_slots and env.is_main else None
@@ -174,6 +177,8 @@ def train(cfg: JobConfig) -> dict[str, float]:
         checkpoint()
     if cfg.train.export_hf:
         export_hf(par, cfg.model, Path(cfg.train.out_dir) / "hf")
+    if patch_sources is not None:
+        write_run_patch(par, patch_sources, cfg)
     if env.is_main:
         log_hparams(logger.writer, cfg, metrics)
     logger.close()
@@ -188,7 +193,7 @@ def evaluate(par: Parallel, tokenizer, cfg: JobConfig) -> dict[str, float]:
 
 
 # Bad input (config, data, checkpoint, launch environment): one line naming it, no traceback.
-USER_ERRORS = (ConfigError, DataError, CheckpointError, LaunchError, NonFiniteError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, LaunchError, NonFiniteError, PatchError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> None:

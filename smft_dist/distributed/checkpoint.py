@@ -155,7 +155,7 @@ def save_checkpoint(
         safetensors.torch.save_model(par.model, str(tmp / FROZEN_DENSE))
     dist.barrier()
     files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-    checksums = _checksums(tmp, files)
+    crcs = checksums(tmp, files)
     if rank == 0:
         manifest = {
             "format": FORMAT_VERSION,
@@ -165,20 +165,20 @@ def save_checkpoint(
                        for n, t in par.tables.items()},
             "model": to_dict(model_cfg) if model_cfg is not None else None,
             "trainer": trainer or {},
-            "files": {f: {"size": (tmp / f).stat().st_size, "crc32": checksums[f]} for f in files},
+            "files": {f: {"size": (tmp / f).stat().st_size, "crc32": crcs[f]} for f in files},
         }
-        manifest["manifest_crc32"] = _manifest_crc(manifest)
-        _write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+        manifest["manifest_crc32"] = manifest_crc(manifest)
+        write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
         if final.exists():  # re-saving a step replaces it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_atomic(root / LATEST, final.name)
+        write_atomic(root / LATEST, final.name)
         _prune(root, cfg.keep_last)
     dist.barrier()
     return final
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     part = path.with_name(path.name + ".part")
     with open(part, "w") as f:
         f.write(text)
@@ -196,7 +196,7 @@ def file_crc32(path: Path) -> str:
     return f"{crc:08x}"
 
 
-def _checksums(root: Path, files: list[str]) -> dict[str, str]:
+def checksums(root: Path, files: list[str]) -> dict[str, str]:
     """crc32 of ``root/f`` for every f; with a process group each rank hashes a share (largest files
     dealt round-robin) and every rank gets the whole dict."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -209,7 +209,7 @@ def _checksums(root: Path, files: list[str]) -> dict[str, str]:
     return {f: crc for share in shares for f, crc in share.items()}
 
 
-def _manifest_crc(manifest: dict) -> str:
+def manifest_crc(manifest: dict) -> str:
     body = {k: v for k, v in manifest.items() if k != "manifest_crc32"}
     return f"{zlib.crc32(json.dumps(body, sort_keys=True).encode()):08x}"
 
@@ -244,7 +244,7 @@ def read_manifest(path: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_VERSION:
         found = manifest.get("format") if isinstance(manifest, dict) else None
         raise CheckpointError(f"{mpath}: format {found} is not {FORMAT_VERSION}")
-    if manifest.get("manifest_crc32") != _manifest_crc(manifest):
+    if manifest.get("manifest_crc32") != manifest_crc(manifest):
         raise CheckpointError(f"{mpath}: corrupt manifest (checksum mismatch)")
     for rel, entry in manifest["files"].items():
         f = path / rel
@@ -252,10 +252,10 @@ def read_manifest(path: str | Path) -> dict:
             raise CheckpointError(f"{f}: missing from checkpoint {path}")
         if f.stat().st_size != entry["size"]:
             raise CheckpointError(f"{f}: truncated or modified ({f.stat().st_size} bytes, manifest says {entry['size']})")
-    checksums = _checksums(path, sorted(manifest["files"]))
+    crcs = checksums(path, sorted(manifest["files"]))
     for rel, entry in sorted(manifest["files"].items()):
-        if checksums[rel] != entry["crc32"]:
-            raise CheckpointError(f"{path / rel}: corrupt (crc32 {checksums[rel]}, manifest says {entry['crc32']})")
+        if crcs[rel] != entry["crc32"]:
+            raise CheckpointError(f"{path / rel}: corrupt (crc32 {crcs[rel]}, manifest says {entry['crc32']})")
     return manifest
 
 
@@ -463,7 +463,7 @@ def export_hf(par: Parallel, model_cfg: ModelConfig, out_dir: str | Path, chunk_
         shapes.update({table_key(name): (t.num_rows, t.dim) for name, t in par.tables.items()})
         out_dir.mkdir(parents=True, exist_ok=True)
         SMFTConfig(model=to_dict(model_cfg), architectures=["SMFTForCausalLM"]).save_pretrained(out_dir)
-        writer = _SafetensorsWriter(out_dir / WEIGHTS, shapes)
+        writer = SafetensorsWriter(out_dir / WEIGHTS, shapes)
         for v in dense.values():
             writer.write(v)
         del dense
@@ -500,15 +500,20 @@ def _rows_to_rank0(table, chunk_rows: int):
                 dist.send(local[lo:hi].contiguous(), group=group, group_dst=0)
 
 
-class _SafetensorsWriter:
-    """A safetensors file written tensor by tensor and row block by row block: the header (every
-    name, fp32 shape and offset) first, then the data in the header's order."""
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.int64: "I64"}
 
-    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]]):
+
+class SafetensorsWriter:
+    """A safetensors file written tensor by tensor and row block by row block: the header (every
+    name, shape, dtype and offset) first, then the data in the header's order. Tensors are fp32
+    unless ``dtypes`` names another (int64 row ids of knowledge patches)."""
+
+    def __init__(self, path: Path, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, torch.dtype] | None = None):
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name, shape in shapes.items():
-            size = 4 * math.prod(shape)
-            header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+            dtype = (dtypes or {}).get(name, torch.float32)
+            size = dtype.itemsize * math.prod(shape)
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
@@ -518,7 +523,7 @@ class _SafetensorsWriter:
 
     def write(self, t: torch.Tensor) -> None:
         self.file.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-        self.written += 4 * t.numel()
+        self.written += t.element_size() * t.numel()
 
     def close(self) -> None:
         self.file.close()

@@ -15,7 +15,7 @@ from smft_dist.distributed.nonfinite import check_loss
 from smft_dist.distributed.sharding import ShardedValueTable, check_row_optimizer, value_optimizer
 from smft_dist.model.saved import saved_value_rows
 from smft_dist.model.transformer import Transformer, lm_loss, value_table_names
-from smft_dist.model.value_table import SeededRows
+from smft_dist.model.value_table import SavedRows, SeededRows
 from smft_dist.smft.methods import MethodPlan
 from smft_dist.smft.selection import RowSelector, apply_sparse_updates
 
@@ -67,22 +67,29 @@ def shard_value_tables(
     """
     optim, lr = value_optimizer(cfg)
     lr = lr if values_train else 0.0
-    names = sorted(set(value_table_names(model.cfg).values()))
-    slots, dim = model.cfg.memory.num_slots, model.cfg.value_dim
     tables = {}
-    for i, name in enumerate(names):
-        local = model.value_tables[name] if name in model.value_tables else None
-        if local is not None:
-            init = local.full_weight()
-        elif cfg.train.init_from:
-            init = saved_value_rows(cfg.train.init_from, name)
-        else:
-            init = SeededRows(slots, dim, cfg.train.seed * 1009 + i)
+    for name, init in value_table_sources(model, cfg).items():
         tables[name] = ShardedValueTable(
             name, init, optim, lr, cfg.distributed.table_placement, device, group, deferred_rows=deferred_rows
         )
     model.bind_value_tables(tables, register=False)
     return tables
+
+
+def value_table_sources(model: Transformer, cfg: JobConfig) -> dict[str, torch.Tensor | SavedRows | SeededRows]:
+    """Where each value table's rows start from: the model's local table (whole), the model saved at
+    ``train.init_from`` or rows seeded from ``train.seed`` (both read by row range). Call before
+    :func:`shard_value_tables` binds the sharded tables."""
+    slots, dim = model.cfg.memory.num_slots, model.cfg.value_dim
+    sources = {}
+    for i, name in enumerate(sorted(set(value_table_names(model.cfg).values()))):
+        if name in model.value_tables:
+            sources[name] = model.value_tables[name].full_weight()
+        elif cfg.train.init_from:
+            sources[name] = saved_value_rows(cfg.train.init_from, name)
+        else:
+            sources[name] = SeededRows(slots, dim, cfg.train.seed * 1009 + i)
+    return sources
 
 
 def parallelize(
