@@ -150,6 +150,9 @@ def train(cfg: JobConfig) -> dict[str, float]:
             for name, sel in plan.selectors.items() if loss is not None else ():
                 metrics[f"rows_trained/{name}"] = float(sel.selected.numel())
                 metrics[f"slots_accessed/{name}"] = float(sel.slots.numel())
+                if sel.shares is not None:  # method.row_share_cap: accessed slots ranked out this step, rows at the cap
+                    metrics[f"ranked_out/{name}"] = float(sel.ranked_out)
+                    metrics[f"rows_at_cap/{name}"] = float((sel.shares >= sel.share_cap).sum())
             logger.log(step, metrics)
             usage.log(logger, step)
             tokens, t0 = 0, time.perf_counter()

@@ -63,7 +63,8 @@ def step_dir_name(step: int) -> str:
 
 
 def _table_state(par: Parallel) -> dict:
-    """Tensors only (no pickled objects): rows and optimizer state of every table."""
+    """Tensors only (no pickled objects): rows and optimizer state of every table, and the per-row
+    share counts of a row selector under ``method.row_share_cap`` (the same on every rank)."""
     state = {}
     for name, table in par.tables.items():
         state[f"{name}.weight"] = table.ebc.state_dict()[table.weight_key]
@@ -71,6 +72,9 @@ def _table_state(par: Parallel) -> dict:
             for key, value in param_state.items():
                 if isinstance(value, torch.Tensor):
                     state[f"{name}.optim.{key}"] = value
+    for name, selector in par.row_selectors.items():
+        if selector.shares is not None:
+            state[f"{name}.row_shares"] = selector.shares
     return state
 
 
@@ -240,6 +244,10 @@ def load_checkpoint(par: Parallel, path: str | Path, load_optimizer: bool = True
     state = _table_state(par)
     if not load_optimizer:
         state = {k: v for k, v in state.items() if ".optim." not in k}
+    saved = _SafeReader(path / "tables").read_metadata().state_dict_metadata
+    if absent := sorted(k for k in state if k.endswith(".row_shares") and k not in saved):
+        raise CheckpointError(f"{path}: no row share counts ({absent[0]}) to resume method.row_share_cap from "
+                              "(saved without a share cap); resume without it or start a new run")
     dcp.load(state, storage_reader=_SafeReader(path / "tables"), planner=_SafeLoadPlanner())
     if par.engine is None:
         dense = path / FROZEN_DENSE
