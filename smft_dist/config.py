@@ -337,6 +337,7 @@ class TrainConfig:
     export_hf: bool = True  # write a consolidated save_pretrained model to out_dir/hf at the end
     on_nonfinite: str = "fail"  # a NaN/inf loss: fail (one line naming the step) | skip (no update that step)
     log_selected_slots: bool = False  # smft: every step's top-t slot ids to out_dir/selected_slots.jsonl
+    row_change: bool = True  # at the end: per-row update norms vs the start -> out_dir/row_change.json, row_change_hist.jsonl
 
     def validate(self) -> None:
         _require(self.steps >= 0, "train.steps", "must be >= 0")

@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from smft_dist.analysis.row_change import log_row_change
 from smft_dist.config import ConfigError, JobConfig, TrainConfig, load_config
 from smft_dist.data import DataError, build_stream, load_tokenizer
 from smft_dist.distributed.checkpoint import CheckpointError, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -175,6 +176,8 @@ def train(cfg: JobConfig) -> dict[str, float]:
         metrics.update({f"eval/{k}": v for k, v in final.items()})
     if progress["step"] > saved:
         checkpoint()
+    if cfg.train.row_change and par.values_train and par.tables:
+        log_row_change(par, cfg, env.is_main, getattr(stream, "num_records", None))
     if cfg.train.export_hf:
         export_hf(par, cfg.model, Path(cfg.train.out_dir) / "hf")
     if env.is_main:

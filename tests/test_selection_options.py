@@ -172,3 +172,23 @@ def test_row_share_cap_ranks_out_rows_and_resumes(tmp_path):
     uninterrupted one (shares restored); resuming a capped run from an uncapped checkpoint is refused."""
     shares = run_ranks(_share_cap, 2, str(tmp_path))
     assert torch.equal(shares[0], shares[1])
+
+
+def test_row_change_figures_by_hand():
+    from smft_dist.analysis.row_change import change_by_sharing, histogram, summarize
+
+    norms = torch.tensor([0.0, 3.0, 4.0, 0.0, 1.0, 0.5])  # squared: 9, 16, 1, 0.25 of 26.25
+    s = summarize(norms)
+    assert (s["rows"], s["rows_changed"], s["rows_for_half"], s["rows_for_90pct"]) == (6, 4, 1, 2)
+    assert s["norm"] == pytest.approx(26.25 ** 0.5)
+    assert s["top1pct_share"] == s["top10pct_share"] == pytest.approx(16 / 26.25)  # at least one row
+    # Gini of (0.5, 1, 3, 4): sum |xi - xj| / (2 n^2 mean)
+    x = torch.tensor([0.5, 1, 3, 4], dtype=torch.float64)
+    assert s["gini"] == pytest.approx(float((x[:, None] - x[None]).abs().sum() / (2 * 16 * x.mean())))
+    hist = histogram(norms)
+    assert [(b["log10_lo"], b["rows"]) for b in hist] == [(-0.5, 1), (0.0, 1), (0.25, 1), (0.5, 1)]
+    assert sum(b["norm_sq_share"] for b in hist) == pytest.approx(1.0)
+    split = change_by_sharing(norms, {1: 1, 2: 3, 4: 2, 5: 8})
+    assert [(b["trained_by"], b["rows"], b["rows_changed"]) for b in split] == [
+        ("0", 2, 0), ("1", 1, 1), ("2", 1, 1), ("3-4", 1, 1), ("5-8", 1, 1)]
+    assert [b["norm_sq_share"] for b in split] == pytest.approx([0, 9 / 26.25, 1 / 26.25, 16 / 26.25, 0.25 / 26.25])

@@ -15,7 +15,7 @@ from smft_dist.distributed.nonfinite import check_loss
 from smft_dist.distributed.sharding import ShardedValueTable, check_row_optimizer, value_optimizer
 from smft_dist.model.saved import saved_value_rows
 from smft_dist.model.transformer import Transformer, lm_loss, value_table_names
-from smft_dist.model.value_table import SeededRows
+from smft_dist.model.value_table import SavedRows, SeededRows
 from smft_dist.smft.methods import MethodPlan
 from smft_dist.smft.selection import RowSelector, apply_sparse_updates, mark_counted_positions
 
@@ -51,6 +51,14 @@ class Parallel:
             table.pending.clear()
 
 
+def initial_rows(cfg: JobConfig, name: str, index: int, num_rows: int, dim: int) -> SavedRows | SeededRows:
+    """The starting rows of value table ``name`` (``index``-th in name order) of a model built without
+    tables: the model saved at ``train.init_from``, else generated from ``train.seed``."""
+    if cfg.train.init_from:
+        return saved_value_rows(cfg.train.init_from, name)
+    return SeededRows(num_rows, dim, cfg.train.seed * 1009 + index)
+
+
 def shard_value_tables(
     model: Transformer, cfg: JobConfig, device: torch.device, values_train: bool = True, deferred_rows: bool = False,
     group=None
@@ -72,12 +80,7 @@ def shard_value_tables(
     tables = {}
     for i, name in enumerate(names):
         local = model.value_tables[name] if name in model.value_tables else None
-        if local is not None:
-            init = local.full_weight()
-        elif cfg.train.init_from:
-            init = saved_value_rows(cfg.train.init_from, name)
-        else:
-            init = SeededRows(slots, dim, cfg.train.seed * 1009 + i)
+        init = local.full_weight() if local is not None else initial_rows(cfg, name, i, slots, dim)
         tables[name] = ShardedValueTable(
             name, init, optim, lr, cfg.distributed.table_placement, device, group, deferred_rows=deferred_rows
         )
