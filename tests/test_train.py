@@ -186,6 +186,25 @@ def test_smft_run_with_background_eval_and_export(world, tmp_path):
     assert any((smft / "tensorboard").iterdir())
 
 
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_selection_options_resume_through_the_loop(world, tmp_path):
+    """smft counting scored positions under a share cap, 2 ranks: stopped at step 3 (checkpoints at 2
+    and 3) and resumed to 6 ends bit-identical to 6 straight steps; the cap ranks rows out."""
+    pre = tmp_path / "pre"
+    run_ranks(_train, 1, _job(world, pre))
+    options = [f"train.init_from={pre}/hf", "train.stream=continual", "method.name=smft", "method.ranking=tf", "method.top_t=5",
+               "method.count_positions=scored", "method.row_share_cap=2", "checkpoint.interval=2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    metrics = run_ranks(_train, 2, _job(world, straight, *options, "train.steps=6"))
+    run_ranks(_train, 2, _job(world, resumed, *options, "train.steps=3"))
+    run_ranks(_train, 2, _job(world, resumed, *options, "train.steps=6"))
+    a, b = _exported(straight), _exported(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics[0]["ranked_out/mem_values_1"] > 0 and metrics[0]["rows_at_cap/mem_values_1"] > 0
+    assert json.loads((resumed / "row_change.json").read_text()) == json.loads((straight / "row_change.json").read_text())
+
+
 def test_bad_input_is_one_line_naming_it(world, tmp_path):
     from smft_dist.train import main
 
