@@ -36,6 +36,10 @@ Per run, beside F1 and NLL:
   value-row optimizer's state (exact_sgd: none; exact_rowwise_adagrad: one float per row; adamw and
   adam: two per element; partial_rowwise_adam: one per element and one per row).
 * seconds: the run's wall time (training and its final evaluation).
+* how concentrated the change of the value rows is (``row_change.json`` of the run): the share of the
+  squared update norm the largest 1% / 10% of the changed rows carry, the Gini coefficient of the
+  changed rows' norms and, where the run logged its selections (``train.log_selected_slots``), the
+  share carried by rows trained by more than one fact.
 """
 
 from __future__ import annotations
@@ -81,7 +85,10 @@ PROBES = {
     "choice_acc_delta": Probe("choice/acc", False, "choice acc Δ", 3),
     "arithmetic_nll_delta": Probe("arithmetic/nll", False, "arithmetic NLL Δ", 4),
 }
-METRICS = ("new_f1", "known_drop_pct", "nll_delta", "fuar", "rows_changed", "trainable_per_step", "optimizer_state_bytes", "seconds", *PROBES)
+ROW_CHANGE = {  # figures of the run's row_change.json (smft_dist.analysis.row_change), over all its value tables
+    "row_top1pct_share": "top1pct_share", "row_top10pct_share": "top10pct_share", "row_gini": "gini"}
+METRICS = ("new_f1", "known_drop_pct", "nll_delta", "fuar", "rows_changed", "trainable_per_step", "optimizer_state_bytes", "seconds",
+           *PROBES, *ROW_CHANGE, "shared_rows_norm_sq_share")
 
 
 class Run(NamedTuple):
@@ -238,12 +245,28 @@ def probes(base: dict, after: dict) -> dict:
     return out
 
 
+def row_change(run_dir: Path) -> dict:
+    """How concentrated the run's change of the value rows is (its ``row_change.json``): the squared
+    update norm carried by the largest 1% / 10% of the changed rows, the Gini coefficient of their
+    norms and, where the run logged its selections, the share carried by rows trained by more than
+    one fact. Empty where the run wrote none (no value row trains: lora)."""
+    path = run_dir / "row_change.json"
+    if not path.is_file():
+        return {}
+    report = json.loads(path.read_text())
+    out = {field: report["all"][key] for field, key in ROW_CHANGE.items()}
+    splits = [t["by_sharing"]["buckets"] for t in report["tables"].values() if "by_sharing" in t]
+    if splits and len(splits) == len(report["tables"]) == 1:
+        out["shared_rows_norm_sq_share"] = sum(b["norm_sq_share"] for b in splits[0] if b["trained_by"] not in ("0", "1"))
+    return out
+
+
 def measure(run: Run, run_dir: Path, base: dict, base_model: Path, seconds: float) -> dict:
     """The result record of a finished run."""
     after = last_eval(run_dir / "metrics.jsonl")
     known_drop = base["known_facts/f1"] - after["known_facts/f1"]
     new_gain = after["new_facts/f1"] - base["new_facts/f1"]
-    return {**probes(base, after),
+    return {**probes(base, after), **row_change(run_dir),
         "key": run.key, "method": run.method, "params": run.params, "seed": run.seed,
         "new_f1": after["new_facts/f1"], "known_f1": after["known_facts/f1"],
         "known_drop_pct": 100 * known_drop / max(base["known_facts/f1"], 1e-9),
@@ -448,8 +471,8 @@ def markdown(points: list[Point], base: dict, levels: tuple = DEFAULT_LEVELS) ->
              f"held-out NLL {base['heldout/nll']:.4f}. Mean ± std over seeds; front: on its method's Pareto front over all budgets; "
              "budget: train.steps.", "",
              "| method | setting | budget | front | seeds | new F1 | known F1 drop % | held-out NLL Δ | FUAR | rows changed "
-             "| trainable / step | optimizer state MiB | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| top 1% rows' share of Δ² | Gini of row Δ | trainable / step | optimizer state MiB | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     on_front = {id(p) for front in fronts(points).values() for p in front}
     shown = [f for f in PROBES if any(not math.isnan(p.mean(f)) for p in points)]
     if shown:
@@ -458,7 +481,8 @@ def markdown(points: list[Point], base: dict, levels: tuple = DEFAULT_LEVELS) ->
     for p in sorted(points, key=lambda p: (p.method, p.budget or 0)):
         lines.append(f"| {p.method} | {_setting(p)} | {p.budget if p.budget is not None else ''} | {'yes' if id(p) in on_front else ''} | "
                      f"{p.seeds} | {_fmt(p.stats['new_f1'], 3)} | {_fmt(p.stats['known_drop_pct'], 1)} | {_fmt(p.stats['nll_delta'], 4)} | "
-                     f"{_fmt(p.stats['fuar'], 2)} | {_fmt(p.stats['rows_changed'], 0)} | {_fmt(p.stats['trainable_per_step'], 0)} | "
+                     f"{_fmt(p.stats['fuar'], 2)} | {_fmt(p.stats['rows_changed'], 0)} | {_fmt(p.stats['row_top1pct_share'], 2)} | "
+                     f"{_fmt(p.stats['row_gini'], 2)} | {_fmt(p.stats['trainable_per_step'], 0)} | "
                      f"{_mib(p.stats['optimizer_state_bytes'])} | {_fmt(p.stats['seconds'], 0)} |"
                      + "".join(f" {_fmt(p.stats[f], PROBES[f].digits)} |" for f in shown))
     lines += ["", "## At equal learning", "",

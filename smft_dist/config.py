@@ -99,6 +99,7 @@ class ModelConfig:
 # ---------------------------------------------------------------------------------------- method
 METHODS = ("pretrain", "smft", "memory_ft", "memory_pretrain", "full_ft", "lora")
 RANKINGS = ("tfidf", "tf", "kl", "random", "all")
+COUNT_POSITIONS = ("all", "scored")
 
 
 @dataclass
@@ -109,6 +110,8 @@ class MethodConfig:
     ranking: str = "tfidf"  # smft: tfidf | tf | kl | random | all
     top_t: int = 500  # smft: value rows trained per batch (paper: 500 facts, 10k documents)
     background: str | None = None  # smft + tfidf / kl: background statistics file (python -m smft_dist.background)
+    count_positions: str = "all"  # smft: reads the slot counts see: all (every token, the paper) | scored (next-token loss scored)
+    row_share_cap: int | None = None  # smft: a row trained in this many steps is ranked out of later top-t's; None / 0 = off
     value_lr: float = 2.0  # lr of value rows (SGD for smft / memory_ft; paper: 2 low, 5 high); not full_ft
     dense_lr: float = 5e-6  # lr of dense / LoRA parameters (AdamW); full_ft: of value rows too
     weight_decay: float = 0.1  # AdamW, dense / LoRA parameters
@@ -121,6 +124,11 @@ class MethodConfig:
         _require(self.name in METHODS, "method.name", f"unknown method {self.name!r} (choose from {', '.join(METHODS)})")
         _require(self.ranking in RANKINGS, "method.ranking", f"unknown ranking {self.ranking!r} (choose from {', '.join(RANKINGS)})")
         _require(self.top_t > 0, "method.top_t", "must be positive")
+        _require(self.count_positions in COUNT_POSITIONS, "method.count_positions",
+                 f"{self.count_positions!r} is not one of {', '.join(COUNT_POSITIONS)}")
+        _require(self.row_share_cap is None or self.row_share_cap >= 0, "method.row_share_cap", "must be >= 0 (0 or null: off)")
+        for option, off in (("count_positions", self.count_positions == "all"), ("row_share_cap", not self.row_share_cap)):
+            _require(off or self.name == "smft", f"method.{option}", f"only smft selects rows (method.name is {self.name})")
         _require(self.value_lr >= 0 and self.dense_lr >= 0, "method.value_lr", "learning rates must be >= 0")
         _require(len(self.betas) == 2, "method.betas", f"expected two values, got {self.betas}")
         _require(self.lora_rank > 0, "method.lora_rank", "must be positive")
@@ -330,6 +338,7 @@ class TrainConfig:
     on_nonfinite: str = "fail"  # a NaN/inf loss: fail (one line naming the step) | skip (no update that step)
     log_selected_slots: bool = False  # smft: every step's top-t slot ids to out_dir/selected_slots.jsonl
     write_patch: bool = True  # smft / memory_ft: the changed value rows as a knowledge patch to out_dir/patch at the end
+    row_change: bool = True  # at the end: per-row update norms vs the start -> out_dir/row_change.json, row_change_hist.jsonl
 
     def validate(self) -> None:
         _require(self.steps >= 0, "train.steps", "must be >= 0")

@@ -19,6 +19,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from smft_dist.analysis.row_change import log_row_change
 from smft_dist.config import ConfigError, JobConfig, TrainConfig, load_config
 from smft_dist.data import DataError, build_stream, load_tokenizer
 from smft_dist.distributed.checkpoint import CheckpointError, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -105,7 +106,8 @@ def train(cfg: JobConfig) -> dict[str, float]:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
     progress = {"step": 0}
     plan = apply_method(model, cfg.method, background, seed_fn=lambda: cfg.train.seed * 1_000_003 + progress["step"])
-    patch_sources = value_table_sources(model, cfg) if cfg.train.write_patch and cfg.method.name in ("smft", "memory_ft") else None
+    write_patch = cfg.train.write_patch and cfg.method.name in ("smft", "memory_ft")
+    sources = value_table_sources(model, cfg) if write_patch or cfg.train.row_change else None  # the starting rows
     par = parallelize(model, cfg, plan, device)
     usage = MemoryUsage(par.model.memory_layers())
     slot_log = SelectionLog(Path(cfg.train.out_dir) / "selected_slots.jsonl") if cfg.train.log_selected_slots and env.is_main else None
@@ -153,6 +155,9 @@ def train(cfg: JobConfig) -> dict[str, float]:
             for name, sel in plan.selectors.items() if loss is not None else ():
                 metrics[f"rows_trained/{name}"] = float(sel.selected.numel())
                 metrics[f"slots_accessed/{name}"] = float(sel.slots.numel())
+                if sel.shares is not None:  # method.row_share_cap: accessed slots ranked out this step, rows at the cap
+                    metrics[f"ranked_out/{name}"] = float(sel.ranked_out)
+                    metrics[f"rows_at_cap/{name}"] = float((sel.shares >= sel.share_cap).sum())
             logger.log(step, metrics)
             usage.log(logger, step)
             tokens, t0 = 0, time.perf_counter()
@@ -175,10 +180,12 @@ def train(cfg: JobConfig) -> dict[str, float]:
         metrics.update({f"eval/{k}": v for k, v in final.items()})
     if progress["step"] > saved:
         checkpoint()
+    if cfg.train.row_change and par.values_train and par.tables:
+        log_row_change(par, sources, cfg, env.is_main, getattr(stream, "num_records", None))
     if cfg.train.export_hf:
         export_hf(par, cfg.model, Path(cfg.train.out_dir) / "hf")
-    if patch_sources is not None:
-        write_run_patch(par, patch_sources, cfg)
+    if write_patch:
+        write_run_patch(par, sources, cfg)
     if env.is_main:
         log_hparams(logger.writer, cfg, metrics)
     logger.close()

@@ -20,8 +20,9 @@ def _forbid(*_args, **_kwargs):
 
 
 def _init_train_export(rank: int, world: int, saved: str, out: str, ckpt: str) -> dict:
+    from smft_dist.analysis.row_change import log_row_change
     from smft_dist.distributed import checkpoint
-    from smft_dist.distributed.parallelize import parallelize, train_step
+    from smft_dist.distributed.parallelize import parallelize, train_step, value_table_sources
     from smft_dist.distributed.sharding import ShardedValueTable
     from smft_dist.model.value_table import LocalValueTable, SavedRows
     from smft_dist.smft.methods import apply_method
@@ -38,6 +39,7 @@ def _init_train_export(rank: int, world: int, saved: str, out: str, ckpt: str) -
     job = tiny_job("pretrain")
     job.train.init_from = saved
     model = build_model(job)
+    sources = value_table_sources(model, job)
     par = parallelize(model, job, apply_method(model, job.method, None), torch.device("cpu"))
     table = par.tables["mem_values_1"]
     loaded = table.local_weight().clone()
@@ -47,7 +49,9 @@ def _init_train_export(rank: int, world: int, saved: str, out: str, ckpt: str) -
     checkpoint.save_checkpoint(par, CheckpointConfig(dir=ckpt), 1, job.model)
     checkpoint.load_checkpoint(par, ckpt)
     checkpoint.export_hf(par, job.model, out, chunk_bytes=CHUNK_ROWS * 4 * table.dim)
-    return {"reads": reads, "received": received, "offset": table.row_offsets[rank], "loaded": loaded,
+    job.train.out_dir = out
+    change = log_row_change(par, sources, job, rank == 0)  # the starting rows re-read per rank, one float per row gathered
+    return {"reads": reads, "received": received, "change": change, "offset": table.row_offsets[rank], "loaded": loaded,
             "trained": table.local_weight().clone(), "dense": {n: p.detach().clone() for n, p in par.model.dense_parameters()}}
 
 
@@ -64,7 +68,7 @@ def test_init_from_training_checkpoints_and_export_never_hold_a_whole_table(tmp_
     rows = saved.value_tables["mem_values_1"].weight.detach()
     for r in ranks:  # each rank read exactly its own rows, and they are the saved ones
         lo, hi = r["offset"], r["offset"] + r["loaded"].shape[0]
-        assert r["reads"] == [(lo, hi)] and hi - lo == rows.shape[0] // 2
+        assert r["reads"] == [(lo, hi)] * 2 and hi - lo == rows.shape[0] // 2  # init_from, then row_change's start
         assert torch.equal(r["loaded"], rows[lo:hi])
     assert ranks[0]["received"] == [5] * 6 + [2] and ranks[1]["received"] == []
 
@@ -81,5 +85,9 @@ def test_init_from_training_checkpoints_and_export_never_hold_a_whole_table(tmp_
     exported = SMFTForCausalLM.from_pretrained(tmp_path / "out").model
     torch.testing.assert_close(exported.value_tables["mem_values_1"].weight, torch.cat([r["trained"] for r in ranks]), rtol=0, atol=0)
     assert not torch.equal(ranks[0]["trained"], ranks[0]["loaded"]), "the step did not train the rows"
+    norms = torch.cat([(r["trained"] - r["loaded"]).norm(dim=1) for r in ranks])
+    change = ranks[0]["change"]["tables"]["mem_values_1"]
+    assert change["rows_changed"] == int((norms > 0).sum()) and change["norm"] == pytest.approx(float(norms.norm()), rel=1e-5)
+    assert ranks[1]["change"] is None
     for name, p in exported.dense_parameters():
         assert torch.equal(p, ranks[0]["dense"][name]), name

@@ -175,6 +175,8 @@ def test_real_runs_measure_rows_and_trainable_parameters(world, tmp_path):  # no
     assert 0 < smft["rows_changed"] <= 3 * 5 and lora["rows_changed"] == 0
     assert smft["trainable_per_step"] == 5 * 32  # top_t rows x v_dim, no dense parameter
     assert smft["optimizer_state_bytes"] == 0  # exact_sgd keeps no state, the dense model is frozen
+    assert 0 < smft["row_top1pct_share"] <= smft["row_top10pct_share"] <= 1 and 0 <= smft["row_gini"] < 1
+    assert "row_gini" not in lora  # no value row trains: no row_change.json
     # LoRA rank 2 on q, k, v, o (32 x 32) of both blocks and the SwiGLU of block 0 (32 <-> 96): r * (in + out) each
     assert lora["trainable_per_step"] == 2 * 4 * 2 * (32 + 32) + 3 * 2 * (32 + 96)
     assert lora["optimizer_state_bytes"] == 2 * 4 * lora["trainable_per_step"]  # AdamW: two fp32 moments per adapter weight

@@ -166,10 +166,43 @@ def test_smft_run_with_background_eval_and_export(world, tmp_path):
     logged = [json.loads(x) for x in (smft / "selected_slots.jsonl").read_text().splitlines()]
     assert [(r["step"], r["table"], len(r["slots"])) for r in logged] == [(s, "mem_values_1", 5) for s in (1, 2, 3)]
     assert set(moved.nonzero().flatten().tolist()) <= {s for r in logged for s in r["slots"]}, "only logged rows moved"
+    change = json.loads((smft / "row_change.json").read_text())  # per-row norms gathered over 2 ranks vs the start
+    norms = (after[TABLE] - before[TABLE]).norm(dim=1)
+    summary = change["tables"]["mem_values_1"]
+    assert summary["rows_changed"] == int(moved.sum()) and summary["rows"] == norms.numel()
+    assert summary["norm"] == pytest.approx(float(norms.norm()), rel=1e-5)
+    assert change["all"]["norm"] == summary["norm"]
+    largest = norms.sort(descending=True).values
+    assert summary["top1pct_share"] == pytest.approx(float(largest[0] ** 2 / norms.square().sum()), rel=1e-5)
+    by_sharing = summary["by_sharing"]
+    assert by_sharing["unit"] == "facts" and sum(b["rows_changed"] for b in by_sharing["buckets"]) == int(moved.sum())
+    assert sum(b["norm_sq_share"] for b in by_sharing["buckets"]) == pytest.approx(1.0)
+    assert all(b["norm_sq_share"] == 0 for b in by_sharing["buckets"] if b["trained_by"] == "0"), "an unselected row moved"
+    hist = [json.loads(x) for x in (smft / "row_change_hist.jsonl").read_text().splitlines()]
+    assert sum(b["rows"] for b in hist) == int(moved.sum())
     for name in before:
         if name != TABLE:
             assert torch.equal(before[name], after[name]), f"{name} changed under SMFT"
     assert any((smft / "tensorboard").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_selection_options_resume_through_the_loop(world, tmp_path):
+    """smft counting scored positions under a share cap, 2 ranks: stopped at step 3 (checkpoints at 2
+    and 3) and resumed to 6 ends bit-identical to 6 straight steps; the cap ranks rows out."""
+    pre = tmp_path / "pre"
+    run_ranks(_train, 1, _job(world, pre))
+    options = [f"train.init_from={pre}/hf", "train.stream=continual", "method.name=smft", "method.ranking=tf", "method.top_t=5",
+               "method.count_positions=scored", "method.row_share_cap=2", "checkpoint.interval=2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    metrics = run_ranks(_train, 2, _job(world, straight, *options, "train.steps=6"))
+    run_ranks(_train, 2, _job(world, resumed, *options, "train.steps=3"))
+    run_ranks(_train, 2, _job(world, resumed, *options, "train.steps=6"))
+    a, b = _exported(straight), _exported(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics[0]["ranked_out/mem_values_1"] > 0 and metrics[0]["rows_at_cap/mem_values_1"] > 0
+    assert json.loads((resumed / "row_change.json").read_text()) == json.loads((straight / "row_change.json").read_text())
 
 
 def test_bad_input_is_one_line_naming_it(world, tmp_path):

@@ -68,7 +68,8 @@ def _table_state(par: Parallel, chunk_rows: dict[str, int]) -> dict:
     """Tensors only (no pickled objects): rows and optimizer state of every table, each per-row tensor
     as blocks of ``chunk_rows[name]`` global rows (filled in where missing: :func:`_chunk_rows`), so
     that DCP copies and reads at most ``TABLE_CHUNK_BYTES`` at a time and any world size or placement
-    loads them."""
+    loads them; and the per-row share counts of a row selector under ``method.row_share_cap`` (whole:
+    the same on every rank)."""
     state = {}
     for name, table in par.tables.items():
         items = {"weight": table.ebc.state_dict()[table.weight_key]}
@@ -79,6 +80,9 @@ def _table_state(par: Parallel, chunk_rows: dict[str, int]) -> dict:
         rows = chunk_rows.setdefault(name, _chunk_rows(table, items.values()))
         for key, value in items.items():
             state.update(_row_blocks(f"{name}.{key}", value, table.num_rows, rows))
+    for name, selector in par.row_selectors.items():
+        if selector.shares is not None:
+            state[f"{name}.row_shares"] = selector.shares
     return state
 
 
@@ -298,6 +302,10 @@ def load_checkpoint(par: Parallel, path: str | Path, load_optimizer: bool = True
     state = _table_state(par, {n: t["chunk_rows"] for n, t in manifest["tables"].items()})
     if not load_optimizer:
         state = {k: v for k, v in state.items() if ".optim." not in k}
+    saved = _SafeReader(path / "tables").read_metadata().state_dict_metadata
+    if absent := sorted(k for k in state if k.endswith(".row_shares") and k not in saved):
+        raise CheckpointError(f"{path}: no row share counts ({absent[0]}) to resume method.row_share_cap from "
+                              "(saved without a share cap); resume without it or start a new run")
     dcp.load(state, storage_reader=_SafeReader(path / "tables"), planner=_SafeLoadPlanner())
     if par.engine is None:
         dense = path / FROZEN_DENSE

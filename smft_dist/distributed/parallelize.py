@@ -17,7 +17,7 @@ from smft_dist.model.saved import saved_value_rows
 from smft_dist.model.transformer import Transformer, lm_loss, value_table_names
 from smft_dist.model.value_table import SavedRows, SeededRows
 from smft_dist.smft.methods import MethodPlan
-from smft_dist.smft.selection import RowSelector, apply_sparse_updates
+from smft_dist.smft.selection import RowSelector, apply_sparse_updates, mark_counted_positions
 
 
 @dataclass
@@ -132,7 +132,8 @@ def train_step(
     micro-batch's loss is its token sum over the *window's* global token count (counted up front)
     times the world size, so the step equals one backward over the whole global batch, with ranks
     and micro-batches holding different numbers of label tokens (TorchRec and DeepSpeed average
-    gradients over ranks). Every rank must pass the same batch shape (TorchRec's row-wise lookup
+    gradients over ranks). Under ``method.count_positions=scored`` each micro-batch's labels mark
+    the reads the slot counts see. Every rank must pass the same batch shape (TorchRec's row-wise lookup
     expects as many bags from every rank). A non-finite loss raises
     :class:`~smft_dist.distributed.nonfinite.NonFiniteError` before the backward that would use it.
     """
@@ -150,6 +151,7 @@ def train_step(
     loss_sum = torch.zeros((), device=labels.device)
     masks = attention_mask.chunk(gas) if attention_mask is not None else [None] * gas
     for ids, mask, lab in zip(input_ids.chunk(gas), masks, labels.chunk(gas)):
+        mark_counted_positions(par.tables, par.row_selectors, lab)  # method.count_positions=scored
         micro_sum = lm_loss((par.engine or par.model)(ids, mask), lab, reduction="sum")
         global_sum = micro_sum.detach().float()
         dist.all_reduce(global_sum)

@@ -13,6 +13,8 @@ again, over all kept lookups of every layer reading the table, only the entries 
 selected, and backpropagates the captured d(loss)/d(pooled): each selected row gets the sum of all
 its gradients in one update, and an unselected row never enters a backward, so it stays
 bit-identical (for the row optimizers ``distributed.sharding.check_row_optimizer`` accepts).
+``counted`` (set by the train step, [T] bool or None) narrows which of a lookup's reads the slot
+counts see (``method.count_positions``); it never changes what is read or which gradient a row gets.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class PendingLookup(NamedTuple):
     weights: torch.Tensor
     keep: torch.Tensor | None
     pooled: torch.Tensor
+    counted: torch.Tensor | None = None  # [T] bool: the tokens whose reads count for the selection (None = all)
 
 
 class ValueTable(nn.Module, abc.ABC):
@@ -51,6 +54,7 @@ class ValueTable(nn.Module, abc.ABC):
         super().__init__()
         self.deferred_rows = False
         self.pending: list[PendingLookup] = []
+        self.counted: torch.Tensor | None = None  # [T] bool for the next training lookups (None = every token counts)
 
     @abc.abstractmethod
     def lookup(self, indices: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None, rows_grad: bool) -> torch.Tensor:
@@ -75,13 +79,21 @@ class ValueTable(nn.Module, abc.ABC):
             pooled.retain_grad()
         else:
             pooled.requires_grad_()
-        self.pending.append(PendingLookup(indices, weights.detach(), keep, pooled))
+        self.pending.append(PendingLookup(indices, weights.detach(), keep, pooled, self.counted))
         return pooled.to(weights.dtype)
 
     def pending_slots(self) -> list[torch.Tensor]:
         """The slots each pending lookup read, for slot counting: its indices, -1 where nothing was
-        read (padding), so the shapes follow the batch shape and not the data."""
-        return [read_slots(p.indices, p.keep) for p in self.pending]
+        read (padding) or the token does not count (``counted``), so the shapes follow the batch
+        shape and not the data."""
+        out = []
+        for p in self.pending:
+            keep = p.keep
+            if p.counted is not None:
+                counted = p.counted[:, None].expand_as(p.indices)
+                keep = counted if keep is None else keep & counted
+            out.append(read_slots(p.indices, keep))
+        return out
 
     def update_rows(self, rows: torch.Tensor | None) -> None:
         """Apply every pending lookup's gradient to ``rows`` (slot ids; None = every row read) only,

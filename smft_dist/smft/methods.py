@@ -104,7 +104,8 @@ def apply_method(
                     raise ConfigError(f"method.background: ranking 'kl' needs background access counts for table {name!r} "
                                       "(rerun python -m smft_dist.background)")
                 weights = background_log_q(background.counts[name])
-            selectors[name] = RowSelector(cfg.top_t, ranking, weights, seed_fn, group)
+            selectors[name] = RowSelector(cfg.top_t, ranking, weights, seed_fn, group, cfg.count_positions,
+                                          cfg.row_share_cap, layer.cfg.num_slots)
         for table in model.value_tables.values():
             table.deferred_rows = True
     dense = [p for _, p in model.dense_parameters() if p.requires_grad]

@@ -6,6 +6,9 @@ where nothing was read (padding), so every rank holds the same number of entries
 is the same on every rank: TorchRec's row-wise lookup requires it). One all-gather of those int32
 entries and one sort give every rank the same sorted slots and counts, so every rank derives the
 same top-t set. Nothing is sized by the number of slots N: the cost grows with the batch.
+
+``method.count_positions=scored`` counts only the reads at the positions :func:`count_scored` marks
+(the value table drops the others from its pending reads, as padding).
 """
 
 from __future__ import annotations
@@ -27,6 +30,16 @@ def _sorted(values: torch.Tensor) -> torch.Tensor:
     if values.device.type == "cpu":
         return torch.from_numpy(np.sort(values.numpy()))
     return values.sort().values
+
+
+def count_scored(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """bool [B, S]: the positions whose next-token loss is scored (``labels[:, p + 1] != ignore_index``;
+    labels aligned with the inputs, as :func:`~smft_dist.model.transformer.lm_loss` shifts them):
+    the reads that feed a scored prediction at their own position. The last position predicts
+    nothing, and neither does a row's last real token when padding follows it."""
+    scored = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    scored[:, :-1] = labels[:, 1:] != ignore_index
+    return scored
 
 
 def count_sorted(reads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
