@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, Qwen2Config, Qwen2ForCausalLM
 
-from smft_dist.config import ConfigError, MemoryConfig
-from smft_dist.model import SMFTForCausalLM, retrofit
+from smft_dist.config import ConfigError, MemoryConfig, MethodConfig
+from smft_dist.model import SMFTForCausalLM, lm_loss, retrofit
+from smft_dist.smft.methods import apply_method
 from smft_dist.model.retrofit import model_config
 
 MEMORY = dict(n_keys=8, topk=4, heads=2, k_dim=16)
@@ -42,11 +43,12 @@ def _ids_mask():
     return ids, mask
 
 
+@pytest.mark.parametrize("init", ["values_zero", "w2_zero"])
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_beside_retrofit_computes_the_original_function(arch, tmp_path):
+def test_beside_retrofit_computes_the_original_function(arch, init, tmp_path):
     hf = tiny_hf(arch, tmp_path / "hf")
     torch.manual_seed(0)
-    model = retrofit(tmp_path / "hf", MemoryConfig(layers=[0, 2], placement="beside", **MEMORY)).eval()
+    model = retrofit(tmp_path / "hf", MemoryConfig(layers=[0, 2], placement="beside", **MEMORY), init).eval()
     assert len(model.model.memory_layers()) == 2 and model.model.cfg.attention_bias == (arch == "qwen2")
     ids, mask = _ids_mask()
     expected = hf(ids).logits
@@ -61,9 +63,48 @@ def test_beside_retrofit_computes_the_original_function(arch, tmp_path):
     assert loaded.model.cfg == model.model.cfg
     assert torch.equal(loaded(ids).logits, model(ids).logits)
 
-    with torch.no_grad():  # the memory layers are wired in: a nonzero W2 changes the output
+    with torch.no_grad():  # the memory layers are wired in: nonzero W2 and values change the output
         model.model.layers[2].memory.w2.weight.normal_()
+        for table in model.model.value_tables.values():
+            table.weight.normal_()
     assert not torch.allclose(model(ids).logits, expected, atol=1e-3)
+
+
+def test_values_zero_gives_value_rows_a_gradient_at_once(tmp_path):
+    tiny_hf("llama", tmp_path / "hf")
+    calibration = torch.randint(0, 80, (3, 16), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    model = retrofit(tmp_path / "hf", MemoryConfig(layers=[1], placement="beside", **MEMORY), "values_zero", calibration)
+    (table,) = model.model.value_tables.values()
+    assert not table.weight.any() and model.model.layers[1].memory.w2.weight.any()
+    ids, _ = _ids_mask()
+    lm_loss(model(ids).logits, ids).backward()
+    read = model.model.layers[1].memory.last_access.indices.view(*ids.shape, -1)[:, :-1].unique()  # positions with a target
+    grad_norm = table.weight.grad.norm(dim=1)
+    assert bool((grad_norm[read] > 0).all())  # every row read gets a gradient (w2_zero: none does)
+
+    # W2 is sized on the calibration tokens: with reference-scale values the memory's output has the
+    # scale of the FFN output beside it (the same values drawn again: equal within sampling noise)
+    block, out = model.model.layers[1], {}
+    block.ffn.register_forward_hook(lambda m, a, o: out.__setitem__("ffn", o))
+    block.memory.register_forward_hook(lambda m, a, o: out.__setitem__("mem", o))
+    with torch.no_grad():
+        table.weight.normal_(std=table.weight.shape[1] ** -0.5)
+        model(calibration)
+    ratio = float(out["mem"].pow(2).mean().sqrt() / out["ffn"].pow(2).mean().sqrt())
+    assert 0.5 < ratio < 2.0
+
+
+@pytest.mark.parametrize("method", ["smft", "memory_ft"])
+def test_sparse_methods_refuse_a_zero_w2_in_one_line(method, tmp_path):
+    tiny_hf("llama", tmp_path / "hf")
+    memory = MemoryConfig(layers=[1], placement="beside", **MEMORY)
+    cfg = MethodConfig(name=method, ranking="tf")
+    with pytest.raises(ConfigError, match="memory_pretrain.*--memory-init values_zero") as e:
+        apply_method(retrofit(tmp_path / "hf", memory, "w2_zero").model, cfg)
+    assert "\n" not in str(e.value) and "block 1" in str(e.value)
+    apply_method(retrofit(tmp_path / "hf", memory, "w2_zero").model, MethodConfig(name="memory_pretrain"))  # recovery runs
+    apply_method(retrofit(tmp_path / "hf", memory, "values_zero").model, cfg)
 
 
 def test_replace_retrofit_drops_the_ffn(tmp_path):
@@ -110,10 +151,12 @@ def test_cli_writes_an_init_from_directory_with_tokenizer(tmp_path, capsys):
 
     hf = tiny_hf("qwen2", tmp_path / "hf", vocab_size=300)
     train_tokenizer(["the cat sat on the mat", "a dog ran"] * 20, 280, tmp_path / "hf")
-    main(["--model", str(tmp_path / "hf"), "--layers", "1", "--out", str(tmp_path / "out"), "n_keys=8", "topk=4", "heads=2", "k_dim=16"])
+    (tmp_path / "calib.txt").write_text("the cat sat on the mat. a dog ran.\n" * 40)
+    main(["--model", str(tmp_path / "hf"), "--layers", "1", "--out", str(tmp_path / "out"), "--calibration-text",
+          str(tmp_path / "calib.txt"), "n_keys=8", "topk=4", "heads=2", "k_dim=16"])
     assert (tmp_path / "out" / "tokenizer.json").is_file()
     job = JobConfig()
-    job.method.name = "memory_pretrain"  # recovery: the first run on a retrofitted model
+    job.method.name, job.method.top_t = "smft", 8  # values_zero (the default): SMFT can start without recovery
     job.train.init_from = str(tmp_path / "out")
     model = build_model(job).eval()  # the dense weights; each rank reads its own table rows in parallelize
     assert job.model.memory.placement == "beside" and job.model.memory.layers == [1]
@@ -125,7 +168,9 @@ def test_cli_writes_an_init_from_directory_with_tokenizer(tmp_path, capsys):
     torch.testing.assert_close(model(ids), hf(ids).logits)
 
     for bad, field in ((["--layers", "5"], "model.memory.layers"), (["--layers", "1", "topk=99"], "model.memory.topk"),
-                       (["--layers", "1", "bogus=1"], "model.memory.bogus")):
+                       (["--layers", "1", "bogus=1"], "model.memory.bogus"),
+                       (["--layers", "1", "--placement", "replace", "--memory-init", "w2_zero"], "--memory-init"),
+                       (["--layers", "1", "--calibration-text", str(tmp_path / "none.txt")], "--calibration-text")):
         with pytest.raises(SystemExit, match=field) as e:
             main(["--model", str(tmp_path / "hf"), "--out", str(tmp_path / "bad"), *bad])
         assert "\n" not in str(e.value)

@@ -2,10 +2,17 @@
 
 Every weight is copied into a :class:`~smft_dist.model.hf.SMFTForCausalLM`; the blocks in
 ``memory.layers`` get a fresh memory layer. With ``memory.placement="beside"`` the FFN stays and the
-memory layer's output projection W2 starts at zero, so the retrofitted model computes exactly the
-original function until recovery training (``method.name=memory_pretrain``) moves it; with
-``replace`` the FFN of those blocks is dropped. Options the model cannot represent are refused
-with a :class:`~smft_dist.config.ConfigError` naming the checkpoint's config field.
+memory adds nothing at the start, so the retrofitted model computes exactly the original function;
+two ways (``init``):
+
+- ``values_zero``: every value row is 0 and W2 is drawn, scaled so that the memory's output at the
+  reference value scale would match the FFN output's RMS at that block on calibration tokens. Value
+  rows get a gradient at once: smft / memory_ft can run with no recovery.
+- ``w2_zero``: W2 is 0 (values at the reference init). smft / memory_ft keep W2 frozen, so they
+  refuse such a model; recovery training (``method.name=memory_pretrain``) must move W2 first.
+
+With ``replace`` the FFN of those blocks is dropped (reference init). Options the model cannot
+represent are refused with a :class:`~smft_dist.config.ConfigError` naming the checkpoint's config field.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from smft_dist.config import ConfigError, MemoryConfig, ModelConfig, to_dict
 from smft_dist.model.hf import SMFTConfig, SMFTForCausalLM
+from smft_dist.model.transformer import Transformer
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
+MEMORY_INITS = ("values_zero", "w2_zero")
 
 _LAYER_MAP = {
     "self_attn.q_proj": "attention.wq",
@@ -72,11 +81,15 @@ def model_config(hc: PretrainedConfig, memory: MemoryConfig, where: str = "confi
     )
 
 
-def retrofit(path: str | Path, memory: MemoryConfig) -> SMFTForCausalLM:
+def retrofit(path: str | Path, memory: MemoryConfig, init: str = "values_zero",
+             calibration: torch.Tensor | None = None) -> SMFTForCausalLM:
     """Build a memory model from the local HF checkpoint at ``path`` (see the module docstring).
 
-    The memory layers (and value tables) draw their initial values from the global torch RNG.
+    ``calibration``: token ids [B, S] that size W2 under ``values_zero`` (default: 4 x 64 random
+    tokens). The memory layers (and value tables) draw their initial values from the global torch RNG.
     """
+    if init not in MEMORY_INITS:
+        raise ConfigError(f"memory init: {init!r} is not one of {', '.join(MEMORY_INITS)}")
     hc = AutoConfig.from_pretrained(str(path))
     cfg = model_config(hc, memory, f"{path}/config.json")
     source = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).state_dict()
@@ -98,7 +111,44 @@ def retrofit(path: str | Path, memory: MemoryConfig) -> SMFTForCausalLM:
     with torch.no_grad():
         for src, dst in mapped.items():
             target[dst].copy_(source[src])
-        if memory.placement == "beside":
-            for layer in model.model.memory_layers():
-                layer.w2.weight.zero_()
+    if memory.placement == "beside":
+        if init == "w2_zero":
+            with torch.no_grad():
+                for layer in model.model.memory_layers():
+                    layer.w2.weight.zero_()
+        else:
+            if calibration is None:
+                calibration = torch.randint(0, cfg.vocab_size, (4, min(64, cfg.max_seq_len)))
+            calibrate_w2_(model.model, calibration)
     return model
+
+
+@torch.no_grad()
+def calibrate_w2_(model: Transformer, tokens: torch.Tensor) -> None:
+    """``values_zero`` on a ``beside`` model: scale each memory layer's W2 so that its output at the
+    current (reference-init) values has the RMS of the FFN output beside it on ``tokens``, then
+    zero every value row. The model computes its FFN-only function afterwards."""
+    blocks = [b for b in model.layers if b.memory is not None]
+    saved = [b.memory.w2.weight.clone() for b in blocks]
+    ffn_sq, mem_sq = [0.0] * len(blocks), [0.0] * len(blocks)
+
+    hooks = []
+    for i, b in enumerate(blocks):
+        def on_ffn(module, args, out, i=i):
+            ffn_sq[i] += float(out.double().pow(2).mean())
+
+        def on_w2(module, args, i=i, w=saved[i]):
+            mem_sq[i] += float((args[0] @ w.T).double().pow(2).mean())
+
+        hooks += [b.ffn.register_forward_hook(on_ffn), b.memory.w2.register_forward_pre_hook(on_w2)]
+        b.memory.w2.weight.zero_()  # the pass runs the original function: later layers see their own inputs
+    try:
+        for row in tokens:
+            model(row[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    for i, b in enumerate(blocks):
+        b.memory.w2.weight.copy_(saved[i] * (ffn_sq[i] / max(mem_sq[i], 1e-30)) ** 0.5)
+    for table in model.value_tables.values():
+        table.weight.zero_()

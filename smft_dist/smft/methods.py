@@ -84,6 +84,7 @@ def apply_method(
             layer.requires_grad_(True)
     selectors: dict[str, RowSelector] = {}
     if cfg.name in ("smft", "memory_ft"):
+        refuse_zero_w2(model, cfg.name)
         ranking = cfg.ranking if cfg.name == "smft" else "all"
         for layer in model.memory_layers():
             name = layer.table_name
@@ -110,6 +111,17 @@ def apply_method(
             table.deferred_rows = True
     dense = [p for _, p in model.dense_parameters() if p.requires_grad]
     return MethodPlan(cfg.name, dense, True, selectors)
+
+
+def refuse_zero_w2(model: Transformer, method: str) -> None:
+    """A memory layer whose output projection W2 is all zero: value rows cannot move the output and
+    ``method`` keeps W2 frozen, so it would train nothing. Refused, naming what to run first."""
+    for i, block in enumerate(model.layers):
+        layer = block.memory_layer
+        if layer is not None and not bool(layer.w2.weight.any()):
+            raise ConfigError(f"model: the memory layer of block {i} has an all-zero output projection W2, which {method} "
+                              "keeps frozen, so no value row could change the output; run recovery first "
+                              "(method.name=memory_pretrain from this model) or retrofit again with --memory-init values_zero")
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
