@@ -185,8 +185,8 @@ def rows_changed(before: Path, after: Path) -> int:
     return changed
 
 
-def trainable_per_step(run_dir: Path) -> float:
-    """Trainable dense / adapter parameters + v_dim x value rows trained per step (see module doc)."""
+def _method_plan(run_dir: Path):
+    """The run's config, its model on the meta device (no memory allocated) and its method's plan."""
     import torch
 
     from smft_dist.config import load_config
@@ -196,7 +196,12 @@ def trainable_per_step(run_dir: Path) -> float:
     cfg = load_config(run_dir / "config.yaml")
     with torch.device("meta"):
         model = Transformer(cfg.model, build_value_tables=False)
-    plan = apply_method(model, dataclasses.replace(cfg.method, ranking="all"))
+    return cfg, model, apply_method(model, dataclasses.replace(cfg.method, ranking="all"))
+
+
+def trainable_per_step(run_dir: Path) -> float:
+    """Trainable dense / adapter parameters + v_dim x value rows trained per step (see module doc)."""
+    cfg, model, plan = _method_plan(run_dir)
     dense = sum(p.numel() for p in plan.dense_params)
     if not plan.values_train:
         return float(dense)
@@ -216,16 +221,7 @@ ROW_STATE_FLOATS = {  # value-row optimizer: fp32 state per (element, row) of a 
 def optimizer_state_bytes(run_dir: Path) -> int:
     """Bytes of optimizer state the run's method keeps (see module doc): AdamW's two fp32 moments per
     trainable dense / adapter parameter, plus the value-row optimizer's state over every table."""
-    import torch
-
-    from smft_dist.config import load_config
-    from smft_dist.model.transformer import Transformer
-    from smft_dist.smft.methods import apply_method
-
-    cfg = load_config(run_dir / "config.yaml")
-    with torch.device("meta"):
-        model = Transformer(cfg.model, build_value_tables=False)
-    plan = apply_method(model, dataclasses.replace(cfg.method, ranking="all"))
+    cfg, model, plan = _method_plan(run_dir)
     total = 2 * FP32 * sum(p.numel() for p in plan.dense_params)
     if plan.values_train:
         per_element, per_row = ROW_STATE_FLOATS[cfg.sparse_optim.type]
@@ -294,6 +290,9 @@ def sweep(runs: list[Run], out: Path, run_one: Callable[[Run], dict], workers: i
     with ThreadPoolExecutor(max_workers=workers) as pool, open(path, "a") as f:
         futures = {pool.submit(run_one, r): r for r in todo}
         for future in as_completed(futures):
+            if future.exception() is not None:  # runs already going finish; none starts, the error ends the sweep
+                pool.shutdown(wait=True, cancel_futures=True)
+                future.result()
             f.write(json.dumps(future.result()) + "\n")
             f.flush()
             done.add(futures[future].key)

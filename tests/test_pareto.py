@@ -8,6 +8,7 @@ import json
 import math
 import sys
 import threading
+import time
 
 import pytest
 
@@ -137,6 +138,23 @@ def test_sweep_appends_each_run_and_a_rerun_skips_finished(tmp_path):
     more = expand(grid._replace(seeds=[0, 1]))
     sweep(more, tmp_path, fake)
     assert len(calls) == 4 and len(load_results(tmp_path / "results.jsonl")) == 4, "only the new seed's runs ran"
+
+
+def test_sweep_stops_at_the_first_failed_run_keeping_the_finished_ones(tmp_path):
+    grid = Grid("unused.yaml", [0], {"smft": {"fixed": ["method.name=smft"], "grid": {"method.value_lr": [1, 2, 3, 4, 5, 6]}}}, [])
+    runs, calls = expand(grid), []
+
+    def fails_second(run):
+        calls.append(run.key)
+        if run.params["method.value_lr"] == 2:
+            raise SystemExit(f"benchmarks.pareto: {run.name} failed (exit 1)")
+        time.sleep(0.3)  # a run takes a while: the sweep sees the failure before the queue is done
+        return _result(run.method, run.params, run.seed, 0.1, 10)
+
+    with pytest.raises(SystemExit, match="failed"):
+        sweep(runs, tmp_path, fails_second, workers=1)
+    assert len(calls) <= 3, f"runs kept starting after a failure: {len(calls)} of {len(runs)}"
+    assert [r["params"] for r in load_results(tmp_path / "results.jsonl")] == [{"method.value_lr": 1}]
 
 
 def test_plot_is_written_for_a_tiny_grid(tmp_path):

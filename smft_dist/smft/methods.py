@@ -115,10 +115,11 @@ def apply_method(
 
 def refuse_zero_w2(model: Transformer, method: str) -> None:
     """A memory layer whose output projection W2 is all zero: value rows cannot move the output and
-    ``method`` keeps W2 frozen, so it would train nothing. Refused, naming what to run first."""
+    ``method`` keeps W2 frozen, so it would train nothing. Refused, naming what to run first. A model
+    on the meta device (parameter counts) holds no values to check."""
     for i, block in enumerate(model.layers):
         layer = block.memory_layer
-        if layer is not None and not bool(layer.w2.weight.any()):
+        if layer is not None and not layer.w2.weight.is_meta and not bool(layer.w2.weight.any()):
             raise ConfigError(f"model: the memory layer of block {i} has an all-zero output projection W2, which {method} "
                               "keeps frozen, so no value row could change the output; run recovery first "
                               "(method.name=memory_pretrain from this model) or retrofit again with --memory-init values_zero")
