@@ -3,13 +3,16 @@
 A QA pair becomes a statement and ``n`` paraphrases of it (the SMFT paper trains each TriviaQA fact
 as a batch of paraphrases); a document is cut into chunks of whole sentences, each with ``n``
 augmentations (its SimpleQA setting). The rewrites come from a :class:`Rewriter`: a local HF
-instruct model (:class:`HFRewriter`: chat template, batched sampling) or :class:`TemplateRewriter`,
-a deterministic fallback for tests and for models too small to paraphrase. Every candidate is
-cleaned (first line, whitespace collapsed), capped in length, deduplicated; what the model cannot
-fill after ``rounds`` tries the templates fill, and each output line says where it came from.
+instruct model (:class:`HFRewriter`: chat template, batched left-padded generation) or
+:class:`TemplateRewriter`, a deterministic fallback for tests and for models too small to
+paraphrase. Every candidate is cleaned (first line, whitespace collapsed), capped in length,
+deduplicated; a fact's statement and paraphrases are kept only if they still mention the answer and
+the subject (:func:`keeps_fact`), so a small model cannot teach a wrong fact. What the model cannot
+fill after ``rounds`` tries the templates fill, and each output line says where its texts came from.
 
-Each unit (a QA pair or a chunk) is generated alone from ``seed`` and its index, so a run that
-resumes an interrupted output file writes exactly what an uninterrupted run would.
+Units are generated ``batch`` at a time (their prompts batched together), each group seeded from
+``seed`` and its units' indices; a run that resumes an interrupted output file regenerates the
+group it stopped in and writes exactly what an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import partial
+from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 
 from smft_dist.data.schemas import DataError
+from smft_dist.eval.metrics import normalize_answer
 
 STATEMENT_PROMPT = "Rewrite the question and its answer as one short factual statement.\nQuestion: {question}\nAnswer: {answer}"
 PARAPHRASE_PROMPT = "Paraphrase the following statement in different words, keeping every fact. Reply with the paraphrase only.\n{text}"
@@ -31,35 +37,48 @@ AUGMENT_PROMPT = "Rewrite the following passage in different words, keeping ever
 _PREFIXES = ("", "Fact: ", "Remember this: ", "Note: ", "Did you know? ", "Here is something true: ", "In short: ",
              "To be precise: ", "Worth knowing: ", "For the record: ", "Keep in mind: ", "As a matter of fact: ")
 _SUFFIXES = ("", " That is correct.", " This is a fact.", " Remember it.", " It is true.", " Now you know.")
+_POSSESSIVE = re.compile(r"['’]s\b")
 
 
 class Rewriter(Protocol):
-    """Makes the texts of one unit. ``name`` is recorded in each line's source."""
+    """Makes the texts of a batch of units, one seed per unit (a model sampling the batch at once
+    seeds it from the first). ``name`` is recorded in each line's source."""
 
     name: str
 
-    def statement(self, question: str, answer: str, seed: int) -> str: ...
+    def statements(self, pairs: list[tuple[str, str]], seeds: list[int], sample: bool) -> list[str]: ...
 
-    def variants(self, text: str, prompt: str, n: int, seed: int) -> list[str]: ...
+    def variants(self, texts: list[str], prompt: str, counts: list[int], seeds: list[int]) -> list[list[str]]: ...
+
+
+def template_statement(question: str, answer: str) -> str:
+    """The statement "Q? A."."""
+    return f"{question.strip()} {answer.strip()}."
+
+
+def framings(text: str, n: int, seed: int) -> list[str]:
+    """``n`` framings of ``text`` (prefix x suffix, at most 71 besides the text itself), in an order
+    drawn from ``seed``."""
+    combos = [p + text + s for p in _PREFIXES for s in _SUFFIXES][1:]
+    order = torch.randperm(len(combos), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [combos[i] for i in order[:n]]
 
 
 class TemplateRewriter:
-    """Deterministic rewrites: the statement "Q? A." and framings of the text (prefix x suffix, at
-    most 72 distinct), in an order drawn from the seed."""
+    """Deterministic rewrites: :func:`template_statement` and :func:`framings`."""
 
     name = "template"
 
-    def statement(self, question: str, answer: str, seed: int) -> str:
-        return f"{question.strip()} {answer.strip()}."
+    def statements(self, pairs: list[tuple[str, str]], seeds: list[int], sample: bool) -> list[str]:
+        return [template_statement(q, a) for q, a in pairs]
 
-    def variants(self, text: str, prompt: str, n: int, seed: int) -> list[str]:
-        combos = [p + text + s for p in _PREFIXES for s in _SUFFIXES][1:]  # the text itself is not a variant
-        order = torch.randperm(len(combos), generator=torch.Generator().manual_seed(seed)).tolist()
-        return [combos[i] for i in order[:n]]
+    def variants(self, texts: list[str], prompt: str, counts: list[int], seeds: list[int]) -> list[list[str]]:
+        return [framings(t, n, s) for t, n, s in zip(texts, counts, seeds)]
 
 
 class HFRewriter:
-    """A local ``transformers`` causal LM; prompts go through its chat template when it has one."""
+    """A local ``transformers`` causal LM; prompts go through its chat template when it has one and
+    are generated ``batch_size`` at a time, left-padded. ``temperature`` 0 samples nothing (greedy)."""
 
     def __init__(self, path: str, batch_size: int = 16, max_new_tokens: int = 64, temperature: float = 0.8,
                  top_p: float = 0.95, device: str | None = None):
@@ -76,6 +95,7 @@ class HFRewriter:
 
     def _complete(self, prompts: list[str], seed: int, sample: bool) -> list[str]:
         tok, out = self.tokenizer, []
+        sample = sample and self.temperature > 0
         chat = tok.chat_template is not None
         if chat:
             prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
@@ -89,22 +109,24 @@ class HFRewriter:
             out += tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         return out
 
-    def statement(self, question: str, answer: str, seed: int) -> str:
-        return self._complete([STATEMENT_PROMPT.format(question=question, answer=answer)], seed, sample=False)[0]
+    def statements(self, pairs: list[tuple[str, str]], seeds: list[int], sample: bool) -> list[str]:
+        return self._complete([STATEMENT_PROMPT.format(question=q, answer=a) for q, a in pairs], seeds[0], sample)
 
-    def variants(self, text: str, prompt: str, n: int, seed: int) -> list[str]:
-        return self._complete([prompt.format(text=text)] * n, seed, sample=True)
+    def variants(self, texts: list[str], prompt: str, counts: list[int], seeds: list[int]) -> list[list[str]]:
+        outs = iter(self._complete([prompt.format(text=t) for t, n in zip(texts, counts) for _ in range(n)], seeds[0], sample=True))
+        return [[next(outs) for _ in range(n)] for n in counts]
 
 
 @dataclass
 class AugmentConfig:
-    """How many texts per unit and what a usable one looks like."""
+    """How many texts per unit, what a usable one looks like, how many units go together."""
 
     n: int = 64  # paraphrases per fact / augmentations per chunk
     seed: int = 0
     max_chars: int = 400  # candidates longer than this and than twice their source are dropped
-    rounds: int = 2  # generation rounds per unit before the templates fill the rest
+    rounds: int = 3  # generation rounds per unit (statement, then paraphrases) before the templates fill the rest
     chunk_words: int = 120  # documents: chunk length cap in words (whole sentences)
+    batch: int = 16  # units generated together (their prompts batched)
 
 
 def clean(text: str) -> str:
@@ -117,24 +139,84 @@ def _key(text: str) -> str:
     return re.sub(r"\W+", " ", text.casefold()).strip()
 
 
-def fill(text: str, prompt: str, rewriter: Rewriter, cfg: AugmentConfig, seed: int) -> tuple[list[str], int]:
-    """``cfg.n`` distinct usable variants of ``text`` (fewer only if the templates run out) and how
-    many of them the templates supplied."""
-    seen, kept = {_key(text)}, []
-    limit = max(cfg.max_chars, 2 * len(text))  # a long chunk's augmentations are long too
+def subject_of(question: str) -> str | None:
+    """What a fact is about, as :func:`keeps_fact` checks it: the question's longest run of
+    capitalized words after its first word (the first run on a tie, a possessive 's dropped), e.g.
+    "Zodu Bogaku" in every question of the synthetic world ("What is the name of Zodu Bogaku's
+    pet?"); None when there is no capitalized word after the first."""
+    runs, run = [], []
+    for word in [*question.split()[1:], ""]:
+        word = _POSSESSIVE.sub("", word.strip(".,;:!?\"'“”‘’()[]"))
+        if word[:1].isupper():
+            run.append(word)
+        elif run:
+            runs.append(run)
+            run = []
+    return " ".join(max(runs, key=len)) if runs else None
 
-    def take(candidates: list[str]) -> None:
+
+def _normalized(text: str) -> str:
+    return normalize_answer(_POSSESSIVE.sub("", text))
+
+
+def mentions(text: str, phrase: str) -> bool:
+    """Whether ``phrase`` occurs in ``text`` as whole words, both normalized as the QA metric
+    normalizes answers (after dropping possessive 's, so "Zodu Bogaku's pet" mentions "Zodu Bogaku")."""
+    return f" {_normalized(phrase)} " in f" {_normalized(text)} "
+
+
+def keeps_fact(text: str, answers: list[str], subject: str | None) -> bool:
+    """Whether a rewrite still states the fact: it mentions one of the answers and the subject."""
+    return any(mentions(text, a) for a in answers) and (subject is None or mentions(text, subject))
+
+
+class Pool:
+    """Up to ``n`` distinct usable texts for one unit. A candidate is cut to its first line and
+    dropped when empty, longer than ``limit``, already seen (``exclude`` counts as seen), or when it
+    fails ``check`` (those are counted in ``rejected``); ``templated`` counts the texts the
+    templates supplied."""
+
+    def __init__(self, n: int, limit: int, check: Callable[[str], bool] | None = None, exclude: Iterable[str] = ()):
+        self.n, self.limit, self.check = n, limit, check
+        self.seen = {_key(t) for t in exclude}
+        self.kept: list[str] = []
+        self.rejected = self.templated = 0
+
+    @property
+    def missing(self) -> int:
+        return self.n - len(self.kept)
+
+    def offer(self, candidates: Iterable[str]) -> int:
+        """Keep the usable candidates (until full); returns how many were kept."""
+        before = len(self.kept)
         for c in map(clean, candidates):
-            if c and len(c) <= limit and _key(c) not in seen and len(kept) < cfg.n:
-                seen.add(_key(c))
-                kept.append(c)
+            if not c or len(c) > self.limit or _key(c) in self.seen or not self.missing:
+                continue
+            self.seen.add(_key(c))
+            if self.check is None or self.check(c):
+                self.kept.append(c)
+            else:
+                self.rejected += 1
+        return len(self.kept) - before
 
+
+def fill(texts: list[str], prompt: str, rewriter: Rewriter, cfg: AugmentConfig, seeds: list[int],
+         checks: list[Callable[[str], bool]] | None = None) -> list[Pool]:
+    """Per text, ``cfg.n`` distinct usable variants that pass its check: ``cfg.rounds`` batched
+    rounds of the rewriter over the texts still short, then the templates fill the rest (fewer only
+    if they run out)."""
+    pools = [Pool(cfg.n, max(cfg.max_chars, 2 * len(t)), check, exclude=[t])  # a long chunk's augmentations are long too
+             for t, check in zip(texts, checks or [None] * len(texts))]
     for r in range(cfg.rounds):
-        if len(kept) < cfg.n:
-            take(rewriter.variants(text, prompt, cfg.n - len(kept), seed * 31 + r))
-    generated = len(kept)
-    take(TemplateRewriter().variants(text, prompt, len(_PREFIXES) * len(_SUFFIXES), seed))
-    return kept, len(kept) - generated
+        todo = [i for i, p in enumerate(pools) if p.missing]
+        if not todo:
+            break
+        outs = rewriter.variants([texts[i] for i in todo], prompt, [pools[i].missing for i in todo], [seeds[i] * 31 + r for i in todo])
+        for i, out in zip(todo, outs):
+            pools[i].offer(out)
+    for text, pool, seed in zip(texts, pools, seeds):
+        pool.templated = pool.offer(framings(text, len(_PREFIXES) * len(_SUFFIXES), seed))
+    return pools
 
 
 def chunk_document(text: str, max_words: int) -> list[str]:
@@ -151,11 +233,11 @@ def chunk_document(text: str, max_words: int) -> list[str]:
 
 
 def fact_units(records, source: str) -> Iterator[dict]:
-    """``qa`` records -> units {question, answer, source}."""
+    """``qa`` records -> units {question, answer (the first), answers, source}."""
     for i, r in enumerate(records):
         if not r["answers"]:
             raise DataError(f"{source}: record {i} has no answer")
-        yield {"question": r["question"], "answer": r["answers"][0], "source": {"input": source, "record": i}}
+        yield {"question": r["question"], "answer": r["answers"][0], "answers": r["answers"], "source": {"input": source, "record": i}}
 
 
 def document_units(records, source: str, max_words: int) -> Iterator[dict]:
@@ -165,24 +247,45 @@ def document_units(records, source: str, max_words: int) -> Iterator[dict]:
             yield {"text": chunk, "source": {"input": source, "record": i, "chunk": j}}
 
 
-def make_fact(unit: dict, index: int, rewriter: Rewriter, cfg: AugmentConfig) -> dict:
-    """A ``facts`` line: statement (model, else template), ``n`` paraphrases, question, answer, source."""
-    seed = cfg.seed * 1_000_003 + index
-    q, a = unit["question"], unit["answer"]
-    statement = clean(rewriter.statement(q, a, seed))
-    from_template = not statement or len(statement) > cfg.max_chars
-    if from_template:
-        statement = TemplateRewriter().statement(q, a, seed)
-    paraphrases, filled = fill(statement, PARAPHRASE_PROMPT, rewriter, cfg, seed)
-    source = {**unit["source"], "generator": rewriter.name, "template_statement": from_template, "template_fill": filled}
-    return {"fact": statement, "paraphrases": paraphrases, "question": q, "answer": a, "source": source}
+def _seeds(cfg: AugmentConfig, first: int, count: int) -> list[int]:
+    return [cfg.seed * 1_000_003 + index for index in range(first, first + count)]
 
 
-def make_document(unit: dict, index: int, rewriter: Rewriter, cfg: AugmentConfig) -> dict:
-    """A ``documents`` line: the chunk, ``n`` augmentations, source."""
-    augmentations, filled = fill(unit["text"], AUGMENT_PROMPT, rewriter, cfg, cfg.seed * 1_000_003 + index)
-    return {"document": unit["text"], "augmentations": augmentations,
-            "source": {**unit["source"], "generator": rewriter.name, "template_fill": filled}}
+def make_facts(units: list[dict], first: int, rewriter: Rewriter, cfg: AugmentConfig) -> list[dict]:
+    """``facts`` lines for consecutive units, the first at index ``first``: a statement and ``n``
+    paraphrases each, generated in batches across the units. A model text is kept only if it
+    mentions an answer and the subject (:func:`keeps_fact`); the statement gets ``cfg.rounds`` tries
+    (greedy, then sampled) before the template "Q? A." stands in. The source adds the generator,
+    the subject checked, ``kept`` / ``rejected`` (model texts kept / dropped for missing the answer
+    or subject, distinct ones), ``template_statement`` and ``template_fill`` (paraphrases the
+    templates supplied)."""
+    seeds = _seeds(cfg, first, len(units))
+    subjects = [subject_of(u["question"]) for u in units]
+    checks = [partial(keeps_fact, answers=u["answers"], subject=s) for u, s in zip(units, subjects)]
+    statements = [Pool(1, cfg.max_chars, check) for check in checks]
+    for r in range(cfg.rounds):
+        todo = [i for i, p in enumerate(statements) if p.missing]
+        if not todo:
+            break
+        outs = rewriter.statements([(units[i]["question"], units[i]["answer"]) for i in todo], [seeds[i] * 31 + r for i in todo], sample=r > 0)
+        for i, out in zip(todo, outs):
+            statements[i].offer([out])
+    texts = [p.kept[0] if p.kept else template_statement(u["question"], u["answer"]) for u, p in zip(units, statements)]
+    paraphrases = fill(texts, PARAPHRASE_PROMPT, rewriter, cfg, seeds, checks)
+    lines = []
+    for u, subject, text, st, para in zip(units, subjects, texts, statements, paraphrases):
+        source = {**u["source"], "generator": rewriter.name, "subject": subject, "kept": len(st.kept) + len(para.kept) - para.templated,
+                  "rejected": st.rejected + para.rejected, "template_statement": not st.kept, "template_fill": para.templated}
+        lines.append({"fact": text, "paraphrases": para.kept, "question": u["question"], "answer": u["answer"], "source": source})
+    return lines
+
+
+def make_documents(units: list[dict], first: int, rewriter: Rewriter, cfg: AugmentConfig) -> list[dict]:
+    """``documents`` lines for consecutive units, the first at index ``first``: the chunk and ``n``
+    augmentations, generated in batches across the units."""
+    pools = fill([u["text"] for u in units], AUGMENT_PROMPT, rewriter, cfg, _seeds(cfg, first, len(units)))
+    return [{"document": u["text"], "augmentations": p.kept, "source": {**u["source"], "generator": rewriter.name, "template_fill": p.templated}}
+            for u, p in zip(units, pools)]
 
 
 def written_units(out: Path) -> list[dict]:
@@ -199,23 +302,26 @@ def written_units(out: Path) -> list[dict]:
         raise DataError(f"{out}: exists and is not augment output; remove it or choose another output") from None
 
 
-def augment(units: Iterator[dict], make: Callable[[dict, int, Rewriter, AugmentConfig], dict], rewriter: Rewriter, cfg: AugmentConfig, out: str | Path,
-            limit: int | None = None) -> int:
-    """Write one line per unit to ``out`` (jsonl), resuming after the lines already there; returns
-    the number of lines the file holds. ``limit`` stops after that many lines in total."""
+def augment(units: Iterator[dict], make: Callable[[list[dict], int, Rewriter, AugmentConfig], list[dict]], rewriter: Rewriter,
+            cfg: AugmentConfig, out: str | Path, limit: int | None = None) -> int:
+    """Write one line per unit to ``out`` (jsonl), ``cfg.batch`` units per :func:`make` call,
+    resuming after the lines already there (the group a resume starts in is generated whole, as an
+    uninterrupted run generates it); returns the number of lines the file holds. ``limit`` stops
+    after that many lines in total."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = written_units(out)
+    units = iter(units)
+    count = 0
     with out.open("a", encoding="utf-8") as fh:
-        count = 0
-        for index, unit in enumerate(units):
-            if limit is not None and index >= limit:
-                break
-            if index < len(done):
-                if {k: done[index].get(k) for k in unit["source"]} != unit["source"]:
+        while (limit is None or count < limit) and (group := list(islice(units, cfg.batch))):
+            first, wanted = count, len(group) if limit is None else min(len(group), limit - count)
+            for index, unit in enumerate(group[:wanted], first):
+                if index < len(done) and {k: done[index].get(k) for k in unit["source"]} != unit["source"]:
                     raise DataError(f"{out}:{index + 1}: written from other input ({done[index]}); remove it or choose another output")
-            else:
-                fh.write(json.dumps(make(unit, index, rewriter, cfg), ensure_ascii=False) + "\n")
-                fh.flush()
-            count = index + 1
+            count = first + wanted
+            if count > len(done):
+                for line in make(group, first, rewriter, cfg)[max(len(done) - first, 0) : wanted]:
+                    fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    fh.flush()
     return max(count, len(done))
