@@ -402,11 +402,15 @@ def fronts(points: list[Point]) -> dict[str, list[Point]]:
 
 def drop_at(front: list[Point], level: float) -> tuple[float, float] | None:
     """Known-fact drop (mean, std) at new F1 ``level`` on ``front`` (by increasing new F1): linear
-    between the two front points around it; None outside the front's span (never extrapolated). Along
-    a front the drop does not decrease with learning, so where points tie in new F1 the lowest drop counts."""
+    between the two front points around it; below the front's lowest point that point's drop (it
+    learns more than ``level`` and forgets no more than the method need: an upper bound, see
+    :func:`below_front`); None above the front (not reached, never extrapolated). Along a front the
+    drop does not decrease with learning, so where points tie in new F1 the lowest drop counts."""
     xs = [p.mean("new_f1") for p in front]
-    if not front or not xs[0] <= level <= xs[-1]:
+    if not front or level > xs[-1]:
         return None
+    if level < xs[0]:
+        return front[0].stats["known_drop_pct"]
     at = [p.stats["known_drop_pct"] for p, x in zip(front, xs) if x == level]
     if at:
         return min(at)
@@ -414,6 +418,11 @@ def drop_at(front: list[Point], level: float) -> tuple[float, float] | None:
     w = (level - xs[i - 1]) / (xs[i] - xs[i - 1])
     (m0, s0), (m1, s1) = front[i - 1].stats["known_drop_pct"], front[i].stats["known_drop_pct"]
     return (m0 + w * (m1 - m0), s0 + w * (s1 - s0))
+
+
+def below_front(front: list[Point], level: float) -> bool:
+    """``level`` lies below the front's lowest new F1: :func:`drop_at` gives an upper bound there."""
+    return bool(front) and level < front[0].mean("new_f1")
 
 
 def ratio(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
@@ -447,19 +456,27 @@ def _mib(stat: tuple[float, float]) -> str:
 
 def equal_learning_table(points: list[Point], levels: tuple, title: str) -> list[str]:
     """Markdown: drop per method and level, then each method's drop over every reference's."""
-    drops = equal_learning(points, levels)
+    drops, method_fronts = equal_learning(points, levels), fronts(points)
     methods = list(drops)
     pairs = [(m, ref) for ref in REFERENCES if ref in drops for m in methods if m != ref]
     lines = ["", f"### {title}", "", "| new F1 | " + " | ".join(f"{m} drop %" for m in methods)
              + "".join(f" | {m} / {ref}" for m, ref in pairs) + " |", "|---" * (1 + len(methods) + len(pairs)) + "|"]
     for level in levels:
-        cells = [_fmt(drops[m][level], 1) for m in methods]
-        cells += [_fmt(ratio(drops[m][level], drops[ref][level]), 2) if drops[m][level] and drops[ref][level] else "—" for m, ref in pairs]
+        bound = {m: below_front(method_fronts[m], level) for m in methods}
+        cells = [("≤ " if bound[m] and drops[m][level] else "") + _fmt(drops[m][level], 1) for m in methods]
+        for m, ref in pairs:
+            if not (drops[m][level] and drops[ref][level]) or (bound[m] and bound[ref]):
+                cells.append("—")
+            else:  # a bound over an exact drop bounds the ratio from above, an exact drop over a bound from below
+                cells.append({(True, False): "≤ ", (False, True): "≥ "}.get((bound[m], bound[ref]), "")
+                             + _fmt(ratio(drops[m][level], drops[ref][level]), 2))
         lines.append(f"| {level:.2f} | " + " | ".join(cells) + " |")
     spans = []
-    for m, front in sorted(fronts(points).items()):
+    for m, front in sorted(method_fronts.items()):
         spans.append(f"{m} {front[0].mean('new_f1'):.3f}–{front[-1].mean('new_f1'):.3f}")
-    lines += ["", "Front spans (new F1; — above: outside a span, not extrapolated): " + ", ".join(spans) + "."]
+    lines += ["", "Front spans (new F1): " + ", ".join(spans) + ". — above a front's span: not reached (never "
+              "extrapolated); ≤ below it: the drop of its lowest-learning point, which learns more than the level "
+              "(the method reaches the level forgetting at most that)."]
     return lines
 
 

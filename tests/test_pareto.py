@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from benchmarks.pareto import (Grid, Point, Run, budget_of, drop_at, equal_learning, expand, fronts, fuar, load_grid, load_results,
+from benchmarks.pareto import (Grid, Point, Run, below_front, budget_of, drop_at, equal_learning, expand, fronts, fuar, load_grid, load_results,
                                markdown, pareto_front, plot, ratio, summarize, sweep)
 from tests.multiproc import run_ranks
 from tests.test_train import _job, _train, world  # noqa: F401  (world is a fixture)
@@ -57,13 +57,14 @@ def test_fuar():
     assert fuar(0.1, 0.0) is None  # nothing acquired: undefined (CKL's n.d.)
 
 
-def test_drop_at_interpolates_inside_the_front_and_never_extrapolates():
+def test_drop_at_interpolates_inside_the_front_bounds_below_it_and_never_extrapolates_above():
     front = _front((0.4, 10.0, 1.0), (0.6, 20.0, 3.0), (0.9, 50.0, 5.0))
     assert drop_at(front, 0.5) == pytest.approx((15.0, 2.0))
     assert drop_at(front, 0.8) == pytest.approx((40.0, 13 / 3))
     assert drop_at(front, 0.6) == (20.0, 3.0) and drop_at(front, 0.4) == (10.0, 1.0) and drop_at(front, 0.9) == (50.0, 5.0)
-    assert drop_at(front, 0.39) is None and drop_at(front, 0.91) is None  # outside the span: not reached
-    assert drop_at(_front((0.7, 5.0, 0.0)), 0.7) == (5.0, 0.0) and drop_at(_front((0.7, 5.0, 0.0)), 0.6) is None
+    assert drop_at(front, 0.91) is None  # above the span: not reached
+    assert drop_at(front, 0.39) == (10.0, 1.0) and below_front(front, 0.39) and not below_front(front, 0.4)  # a point learning more
+    assert drop_at(_front((0.7, 5.0, 0.0)), 0.7) == (5.0, 0.0) and drop_at(_front((0.7, 5.0, 0.0)), 0.6) == (5.0, 0.0)
     assert drop_at([], 0.5) is None
     assert ratio((10.0, 1.0), (20.0, 2.0)) == pytest.approx((0.5, 0.5 * math.hypot(0.1, 0.1)))
     assert math.isnan(ratio((10.0, 1.0), (0.0, 1.0))[0])  # a reference that forgets nothing: no ratio
@@ -76,12 +77,14 @@ def test_equal_learning_reads_fronts_at_common_levels_and_reports_where_they_do_
                _result("lora", {"lr": 1}, 0, 0.20, 30), _result("lora", {"lr": 2}, 0, 0.30, 50)]  # no overlap with either
     drops = equal_learning(summarize(results), (0.5, 0.6, 0.7, 0.9))
     assert drops["full_ft"] == {0.5: (40.0, 0.0), 0.6: pytest.approx((50.0, 0.0)), 0.7: (60.0, 0.0), 0.9: None}
-    assert drops["smft"][0.5] is None and drops["smft"][0.6] == pytest.approx((7.5, 0.0)) and drops["smft"][0.9] == pytest.approx((22.5, 0.0))
+    assert drops["smft"][0.5] == (5.0, 0.0) and drops["smft"][0.6] == pytest.approx((7.5, 0.0)) and drops["smft"][0.9] == pytest.approx((22.5, 0.0))
     assert all(v is None for v in drops["lora"].values())
     table = markdown(summarize(results), BASE, (0.5, 0.6, 0.7, 0.9))
     row = next(line for line in table.splitlines() if line.startswith("| 0.60 |"))
     # methods in name order (full_ft, lora, smft); ratios: full_ft / lora, lora / full_ft, smft / full_ft, full_ft / lora, ...
     assert row.startswith("| 0.60 | 50.0 ± 0.0 | — | 7.5 ± 0.0 |") and "| 0.15 ± 0.00 |" in row
+    row = next(line for line in table.splitlines() if line.startswith("| 0.50 |"))  # smft's front starts at 0.55
+    assert row.startswith("| 0.50 | 40.0 ± 0.0 | — | ≤ 5.0 ± 0.0 |") and "| ≤ 0.12 ± 0.00 |" in row
     assert "lora 0.200–0.300" in table and "smft 0.550–0.950" in table
     assert table.count("| smft |") == 2 and "| full_ft | lr=3 |  |  |" in table  # every point listed; lr 3 off the front
 
