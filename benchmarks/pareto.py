@@ -426,10 +426,13 @@ def below_front(front: list[Point], level: float) -> bool:
 
 
 def ratio(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float]:
-    """a / b with the two stds propagated to first order; nan where b's mean is not positive."""
+    """a / b with the two stds propagated to first order; nan where b's mean is not positive; 0 where
+    a's is not (known facts rose or held: nothing forgotten)."""
     (ma, sa), (mb, sb) = a, b
     if mb <= 0:
         return math.nan, math.nan
+    if ma <= 0:
+        return 0.0, 0.0
     r = ma / mb
     return r, abs(r) * math.hypot(sa / ma if ma else 0.0, sb / mb)
 
@@ -502,8 +505,9 @@ def markdown(points: list[Point], base: dict, levels: tuple = DEFAULT_LEVELS) ->
                      f"{_mib(p.stats['optimizer_state_bytes'])} | {_fmt(p.stats['seconds'], 0)} |"
                      + "".join(f" {_fmt(p.stats[f], PROBES[f].digits)} |" for f in shown))
     lines += ["", "## At equal learning", "",
-              "Each method's known-fact drop (%) interpolated along its front at the same new-fact F1; — where a front "
-              "does not reach the level. Ratios: drop over the reference's at that level (seed stds propagated)."]
+              "Each method's known-fact drop (%) interpolated along its front at the same new-fact F1 (— and ≤: see "
+              "below each table). Ratios: drop over the reference's at that level (seed stds propagated; 0 where the "
+              "method's known-fact F1 did not fall)."]
     budgets = defaultdict(set)
     for p in points:
         budgets[p.budget].add(p.method)

@@ -68,6 +68,7 @@ def test_drop_at_interpolates_inside_the_front_bounds_below_it_and_never_extrapo
     assert drop_at([], 0.5) is None
     assert ratio((10.0, 1.0), (20.0, 2.0)) == pytest.approx((0.5, 0.5 * math.hypot(0.1, 0.1)))
     assert math.isnan(ratio((10.0, 1.0), (0.0, 1.0))[0])  # a reference that forgets nothing: no ratio
+    assert ratio((-0.4, 0.1), (20.0, 2.0)) == (0.0, 0.0)  # known facts rose: nothing forgotten, not a negative ratio
 
 
 def test_equal_learning_reads_fronts_at_common_levels_and_reports_where_they_do_not_overlap():
