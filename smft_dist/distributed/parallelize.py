@@ -114,6 +114,21 @@ def parallelize(
     return Parallel(engine.module, engine, tables, plan.values_train, cfg.distributed.grad_accum_steps, plan.selectors)
 
 
+def trim_padding(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows [B, S] without their trailing columns that are padding (mask 0, label -100) in every
+    row of every rank: they keep the longest real row of any rank. Exact: attention is causal and
+    padding reads no memory, so no real token sees those columns. Every rank keeps one length, as
+    TorchRec's row-wise lookup and the slot counts need one shape; so do the micro-batches of a
+    window, chunked from these rows. Collective (one all-reduce, one host sync)."""
+    real = attention_mask.bool().any(0) | (labels != -100).any(0)
+    length = (real * torch.arange(1, real.numel() + 1, device=real.device)).max()
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    keep = max(int(length), 1)
+    return input_ids[:, :keep], attention_mask[:, :keep], labels[:, :keep]
+
+
 def train_step(
     par: Parallel,
     input_ids: torch.Tensor,
@@ -121,10 +136,14 @@ def train_step(
     labels: torch.Tensor,
     dense_lr: float | None = None,
     value_lr: float | None = None,
+    trim: bool = True,
 ) -> torch.Tensor:
     """One optimizer step on this rank's rows of the step's global batch; returns the global mean
-    loss as a 0-dim tensor (call ``.item()`` only to log it; the one host sync per micro-batch is the
-    finiteness check of its loss before the backward).
+    loss as a 0-dim tensor (call ``.item()`` only to log it; the host syncs are the trimmed length
+    and, per micro-batch, the finiteness check of its loss before the backward).
+
+    The rows first lose the trailing columns that are padding everywhere (:func:`trim_padding`; exact,
+    so ``trim`` False only serves as the baseline of ``benchmarks.trim``).
 
     The rows run as ``par.grad_accum_steps`` equal micro-batches (consecutive row blocks), whose
     gradients accumulate; dense parameters, torch row optimizers and the deferred row updates of smft / memory_ft
@@ -145,6 +164,8 @@ def train_step(
             table.set_lr(value_lr)
     if dense_lr is not None and par.engine is not None:
         set_dense_lr(par.engine, dense_lr)
+    if trim and attention_mask is not None:  # without a mask every token is real
+        input_ids, attention_mask, labels = trim_padding(input_ids, attention_mask, labels)
     tokens = (labels[:, 1:] != -100).sum().float()
     dist.all_reduce(tokens)
     scale = dist.get_world_size() / tokens.clamp(min=1)
