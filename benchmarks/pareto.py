@@ -219,9 +219,13 @@ ROW_STATE_FLOATS = {  # value-row optimizer: fp32 state per (element, row) of a 
 
 
 def optimizer_state_bytes(run_dir: Path) -> int:
-    """Bytes of optimizer state the run's method keeps (see module doc): AdamW's two fp32 moments per
+    """Bytes of optimizer state the run's method keeps (:func:`method_state_bytes`)."""
+    return method_state_bytes(*_method_plan(run_dir))
+
+
+def method_state_bytes(cfg, model, plan) -> int:
+    """Bytes of optimizer state a method keeps (see module doc): AdamW's two fp32 moments per
     trainable dense / adapter parameter, plus the value-row optimizer's state over every table."""
-    cfg, model, plan = _method_plan(run_dir)
     total = 2 * FP32 * sum(p.numel() for p in plan.dense_params)
     if plan.values_train:
         per_element, per_row = ROW_STATE_FLOATS[cfg.sparse_optim.type]
@@ -575,6 +579,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--launcher", default=sys.executable, help="command running python modules, e.g. 'torchrun --nproc-per-node 8'")
     p.add_argument("--task", type=int, default=None, help="run only the I-th (1-based) run of the grid (SLURM array)")
     p.add_argument("--budgets", type=int, nargs="+", default=None, help="run only these pass budgets of the grid (train.steps), e.g. one budget first")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="run only these seeds of the grid, e.g. one seed of every point first")
     p.add_argument("--list", action="store_true", help="print the number of runs and exit")
     p.add_argument("--report", action="store_true", help="only write the table and plot from results.jsonl")
     args = p.parse_args(argv)
@@ -585,6 +590,10 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             raise SystemExit(f"benchmarks.pareto: --budgets {sorted(unknown)} not in the grid's budgets {grid.budgets.get(BUDGET, [])}")
         runs = [r for r in runs if r.params[BUDGET] in args.budgets]
+    if args.seeds:
+        if set(args.seeds) - set(grid.seeds):
+            raise SystemExit(f"benchmarks.pareto: --seeds {sorted(set(args.seeds) - set(grid.seeds))} not in the grid's seeds {grid.seeds}")
+        runs = [r for r in runs if r.seed in args.seeds]
     if args.list:
         print(len(runs))
         return

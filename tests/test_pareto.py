@@ -13,7 +13,7 @@ import time
 import pytest
 
 from benchmarks.pareto import (Grid, Point, Run, below_front, budget_of, drop_at, equal_learning, expand, fronts, fuar, load_grid, load_results,
-                               markdown, pareto_front, plot, ratio, summarize, sweep)
+                               main, markdown, pareto_front, plot, ratio, summarize, sweep)
 from tests.multiproc import run_ranks
 from tests.test_train import _job, _train, world  # noqa: F401  (world is a fixture)
 
@@ -90,7 +90,7 @@ def test_equal_learning_reads_fronts_at_common_levels_and_reports_where_they_do_
     assert table.count("| smft |") == 2 and "| full_ft | lr=3 |  |  |" in table  # every point listed; lr 3 off the front
 
 
-def test_budgets_are_crossed_with_every_method_and_compared_per_budget(tmp_path):
+def test_budgets_are_crossed_with_every_method_and_compared_per_budget(tmp_path, capsys):
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text("config: unused.yaml\nseeds: [0]\nbudgets: {train.steps: [8, 16]}\nlevels: [0.5]\n"
                          "methods:\n  smft: {fixed: [method.name=smft], grid: {method.value_lr: [1, 2]}}\n"
@@ -99,6 +99,11 @@ def test_budgets_are_crossed_with_every_method_and_compared_per_budget(tmp_path)
     runs = expand(grid)
     assert sorted((r.method, r.params.get("train.steps")) for r in runs) == [("full_ft", 8), ("full_ft", 16)] + [("smft", 8)] * 2 + [("smft", 16)] * 2
     assert budget_of(grid, "smft", {"train.steps": 16}) == 16
+    grid_file.write_text(grid_file.read_text().replace("seeds: [0]", "seeds: [0, 1]"))
+    main(["--grid", str(grid_file), "--budgets", "16", "--seeds", "1", "--list"])
+    assert capsys.readouterr().out.strip() == "3"  # smft's two points and full_ft at budget 16, seed 1
+    with pytest.raises(SystemExit, match="--seeds \\[2\\] not in the grid's seeds \\[0, 1\\]"):
+        main(["--grid", str(grid_file), "--seeds", "2", "--list"])
     assert budget_of(grid._replace(overrides=["train.steps=4"]), "smft", {}) == 4
     assert budget_of(Grid("unused.yaml", [0], {"m": {"fixed": ["train.steps=7"]}}, ["train.steps=4"]), "m", {}) == 7
     grid_file.write_text(grid_file.read_text().replace("[method.name=full_ft]", "[method.name=full_ft, train.steps=32]"))
