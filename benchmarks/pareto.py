@@ -9,8 +9,10 @@ The grid file (YAML, ``benchmarks/grids/``) names the stage-2 config (starting m
 ``train.init_from``, background statistics, eval tasks new_facts / known_facts / heldout), the seeds,
 the pass budgets every method is swept over (``budgets: {train.steps: [...]}``, crossed with every
 method's grid, so no method gets more passes than another), the new-fact F1 ``levels`` at which the
-fronts are compared, and per method fixed overrides plus a grid of values; ``quick:`` overrides it
-for ``--quick``. Each (point, seed) is one ``python -m smft_dist.train`` run with
+fronts are compared, the known-fact metric forgetting is measured on (``known_metric``: ``f1``, the
+default, ``em`` or ``contains``, the share of known answers still inside the model's answer, which a
+change of answer format alone does not move), and per method fixed overrides plus a grid of values;
+``quick:`` overrides it for ``--quick``. Each (point, seed) is one ``python -m smft_dist.train`` run with
 ``data.seed = train.seed = seed`` and the continual stream shuffled (seed = data order and
 selection/adapter seed). Finished runs are appended to ``OUT/results.jsonl``; a rerun skips them.
 
@@ -25,7 +27,7 @@ fronts as lines, the pass budget as the marker.
 Per run, beside F1 and NLL:
 
 * FUAR (Jang et al. 2022, CKL): sum of forgotten score over the sum of updated + acquired score,
-  each gap clipped at 0. Here T_F = known facts (F1 points lost), T_U = none (the synthetic world
+  each gap clipped at 0. Here T_F = known facts (points of the known metric lost), T_U = none (the synthetic world
   changes no fact), T_A = new facts (F1 points gained): FUAR = max(0, known F1 drop) / max(0, new F1
   gain); undefined (null) when nothing was acquired. < 1: more acquired than forgotten.
 * rows changed: value-table rows that differ between the starting model and the exported result.
@@ -68,6 +70,7 @@ DEFAULT_GRID = "benchmarks/grids/cpu_scale.yaml"
 REFERENCES = ("full_ft", "lora")  # baselines every method's drop is divided by, at equal learning
 BUDGET = "train.steps"  # the pass budget: optimizer steps over the continual stream
 DEFAULT_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9)
+KNOWN_METRICS = {"f1": "F1", "em": "EM", "contains": "answer-contained"}  # qa metric -> its name in tables
 
 
 class Probe(NamedTuple):
@@ -80,6 +83,7 @@ class Probe(NamedTuple):
 
 
 PROBES = {
+    "known_f1_drop_pct": Probe("known_facts/f1", True, "known F1 drop % (format-sensitive)", 1),  # grids on another known_metric
     "same_answer_drop_pct": Probe("known_same_answer/f1", True, "drop %, same answer as a new fact", 1),
     "other_drop_pct": Probe("known_other/f1", True, "drop %, other known facts", 1),
     "choice_acc_delta": Probe("choice/acc", False, "choice acc Δ", 3),
@@ -115,6 +119,7 @@ class Grid(NamedTuple):
     overrides: list[str]  # applied to every run
     budgets: dict = {}  # override -> values crossed with every method's grid (the pass budgets)
     levels: tuple = DEFAULT_LEVELS  # new-fact F1 levels the fronts are compared at
+    known_metric: str = "f1"  # the known-fact metric forgetting is measured on (KNOWN_METRICS)
 
 
 def load_grid(path: str | Path, quick: bool = False) -> Grid:
@@ -124,7 +129,9 @@ def load_grid(path: str | Path, quick: bool = False) -> Grid:
     if quick:
         data = {**data, **(data.get("quick") or {})}
     grid = Grid(data["config"], list(data["seeds"]), data["methods"], list(data.get("overrides") or []),
-                dict(data.get("budgets") or {}), tuple(data.get("levels") or DEFAULT_LEVELS))
+                dict(data.get("budgets") or {}), tuple(data.get("levels") or DEFAULT_LEVELS), data.get("known_metric", "f1"))
+    if grid.known_metric not in KNOWN_METRICS:
+        raise SystemExit(f"benchmarks.pareto: {path}: known_metric {grid.known_metric!r} is not one of {sorted(KNOWN_METRICS)}")
     for method, spec in grid.methods.items():
         own = set(spec.get("grid") or {}) | {o.split("=", 1)[0] for o in spec.get("fixed") or []}
         if own & set(grid.budgets):
@@ -234,12 +241,12 @@ def method_state_bytes(cfg, model, plan) -> int:
     return total
 
 
-def probes(base: dict, after: dict) -> dict:
+def probes(base: dict, after: dict, skip: tuple = ()) -> dict:
     """The optional probes (:data:`PROBES`) both evaluations have: known facts that share an answer
     with the new facts vs the others (drop in % of the start), multiple choice, arithmetic NLL."""
     out = {}
     for field, probe in PROBES.items():
-        if probe.key in base and probe.key in after:
+        if probe.key in base and probe.key in after and probe.key not in skip:
             change = after[probe.key] - base[probe.key]
             out[field] = -100 * change / max(base[probe.key], 1e-9) if probe.relative else change
     return out
@@ -261,15 +268,16 @@ def row_change(run_dir: Path) -> dict:
     return out
 
 
-def measure(run: Run, run_dir: Path, base: dict, base_model: Path, seconds: float) -> dict:
-    """The result record of a finished run."""
+def measure(run: Run, run_dir: Path, base: dict, base_model: Path, seconds: float, known_metric: str = "f1") -> dict:
+    """The result record of a finished run; forgetting is the drop of ``known_facts/<known_metric>``."""
     after = last_eval(run_dir / "metrics.jsonl")
-    known_drop = base["known_facts/f1"] - after["known_facts/f1"]
+    known = f"known_facts/{known_metric}"
+    known_drop = base[known] - after[known]
     new_gain = after["new_facts/f1"] - base["new_facts/f1"]
-    return {**probes(base, after), **row_change(run_dir),
+    return {**probes(base, after, skip=(known,)), **row_change(run_dir),
         "key": run.key, "method": run.method, "params": run.params, "seed": run.seed,
-        "new_f1": after["new_facts/f1"], "known_f1": after["known_facts/f1"],
-        "known_drop_pct": 100 * known_drop / max(base["known_facts/f1"], 1e-9),
+        "new_f1": after["new_facts/f1"], "known_f1": after["known_facts/f1"], "known_metric": known_metric,
+        "known_drop_pct": 100 * known_drop / max(base[known], 1e-9),
         "nll_delta": after["heldout/nll"] - base["heldout/nll"], "fuar": fuar(known_drop, new_gain),
         "rows_changed": rows_changed(base_model, run_dir / "hf"), "trainable_per_step": trainable_per_step(run_dir),
         "optimizer_state_bytes": optimizer_state_bytes(run_dir), "seconds": seconds,
@@ -321,7 +329,7 @@ class Subprocesses:
                                   env=run_env(self.threads), stdout=f, stderr=subprocess.STDOUT)
         if proc.returncode:
             raise SystemExit(f"benchmarks.pareto: {run.name} failed (exit {proc.returncode}); see {log}")
-        record = measure(run, run_dir, self.base, self.base_model, time.perf_counter() - t0)
+        record = measure(run, run_dir, self.base, self.base_model, time.perf_counter() - t0, self.grid.known_metric)
         shutil.rmtree(run_dir / "ckpt", ignore_errors=True)
         shutil.rmtree(run_dir / "hf", ignore_errors=True)
         return record
@@ -487,13 +495,14 @@ def equal_learning_table(points: list[Point], levels: tuple, title: str) -> list
     return lines
 
 
-def markdown(points: list[Point], base: dict, levels: tuple = DEFAULT_LEVELS) -> str:
+def markdown(points: list[Point], base: dict, levels: tuple = DEFAULT_LEVELS, known_metric: str = "f1") -> str:
     """Every point (those on their method's front marked), then the fronts compared at equal learning:
     per pass budget that at least two methods ran, then over all budgets."""
-    lines = [f"Starting model: new-fact F1 {base['new_facts/f1']:.3f}, known-fact F1 {base['known_facts/f1']:.3f}, "
+    known = KNOWN_METRICS[known_metric]
+    lines = [f"Starting model: new-fact F1 {base['new_facts/f1']:.3f}, known-fact {known} {base[f'known_facts/{known_metric}']:.3f}, "
              f"held-out NLL {base['heldout/nll']:.4f}. Mean ± std over seeds; front: on its method's Pareto front over all budgets; "
              "budget: train.steps.", "",
-             "| method | setting | budget | front | seeds | new F1 | known F1 drop % | held-out NLL Δ | FUAR | rows changed "
+             f"| method | setting | budget | front | seeds | new F1 | known {known} drop % | held-out NLL Δ | FUAR | rows changed "
              "| top 1% rows' share of Δ² | Gini of row Δ | trainable / step | optimizer state MiB | seconds |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     on_front = {id(p) for front in fronts(points).values() for p in front}
@@ -511,7 +520,7 @@ def markdown(points: list[Point], base: dict, levels: tuple = DEFAULT_LEVELS) ->
     lines += ["", "## At equal learning", "",
               "Each method's known-fact drop (%) interpolated along its front at the same new-fact F1 (— and ≤: see "
               "below each table). Ratios: drop over the reference's at that level (seed stds propagated; 0 where the "
-              "method's known-fact F1 did not fall)."]
+              f"method's known-fact {known} did not fall)."]
     budgets = defaultdict(set)
     for p in points:
         budgets[p.budget].add(p.method)
@@ -528,8 +537,8 @@ def markdown(points: list[Point], base: dict, levels: tuple = DEFAULT_LEVELS) ->
 MARKERS = "osD^vP*X"
 
 
-def plot(points: list[Point], path: Path) -> None:
-    """Two panels against new-fact F1: known-fact F1 drop % (with each method's front as a line) and
+def plot(points: list[Point], path: Path, known_metric: str = "f1") -> None:
+    """Two panels against new-fact F1: known-fact drop % (with each method's front as a line) and
     held-out NLL change; error bars are the std over seeds, the marker is the pass budget."""
     import matplotlib
 
@@ -550,7 +559,7 @@ def plot(points: list[Point], path: Path) -> None:
         ax1.plot([p.mean("new_f1") for p in front], [p.mean("known_drop_pct") for p in front], "-", color=color, label=method)
     for b in budgets:
         ax1.plot([], [], marker[b], color="gray", label=f"{BUDGET}={b}" if b is not None else "budget unknown")
-    ax1.set(xlabel="new-fact F1 (learning)", ylabel="known-fact F1 drop, % of start (forgetting)", title="learning vs forgetting")
+    ax1.set(xlabel="new-fact F1 (learning)", ylabel=f"known-fact {KNOWN_METRICS[known_metric]} drop, % of start (forgetting)", title="learning vs forgetting")
     ax2.set(xlabel="new-fact F1 (learning)", ylabel="held-out NLL change", title="held-out text")
     ax1.legend(fontsize=8)
     for ax in (ax1, ax2):
@@ -563,9 +572,10 @@ def plot(points: list[Point], path: Path) -> None:
 def report(results: list[dict], base: dict, out: Path, grid: Grid | None = None) -> None:
     """Write ``out/pareto.md`` and ``out/pareto.png``; ``grid`` names each point's pass budget."""
     points = summarize(results, (lambda m, params: budget_of(grid, m, params)) if grid else (lambda m, params: params.get(BUDGET)))
-    (out / "pareto.md").write_text(markdown(points, base, grid.levels if grid else DEFAULT_LEVELS))
+    known_metric = grid.known_metric if grid else "f1"
+    (out / "pareto.md").write_text(markdown(points, base, grid.levels if grid else DEFAULT_LEVELS, known_metric))
     print((out / "pareto.md").read_text())
-    plot(points, out / "pareto.png")
+    plot(points, out / "pareto.png", known_metric)
     print(f"pareto: plot -> {out / 'pareto.png'}")
 
 

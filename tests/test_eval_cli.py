@@ -113,7 +113,7 @@ def test_evaluate_memory_model_on_two_ranks_equals_one_each_reading_its_rows(tmp
     (tmp_path / "qa.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
     (tmp_path / "held.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[:3]))
     (one, one_read), = run_ranks(_evaluate_memory_model, 1, tmp_path)
-    assert sorted(one) == ["facts/count", "facts/em", "facts/f1", "held/nll", "held/ppl", "held/tokens"]
+    assert sorted(one) == ["facts/contains", "facts/count", "facts/em", "facts/f1", "held/nll", "held/ppl", "held/tokens"]
     assert sum(hi - lo for lo, hi in one_read) == 64
     two = run_ranks(_evaluate_memory_model, 2, tmp_path)
     for results, _ in two:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from smft_dist.eval.metrics import exact_match, normalize_answer, token_f1
+from smft_dist.eval.metrics import contains_answer, exact_match, normalize_answer, token_f1
 
 
 def test_normalization():
@@ -42,3 +42,20 @@ def test_exact_match(pred, golds, em):
 )
 def test_token_f1(pred, golds, f1):
     assert token_f1(pred, golds) == pytest.approx(f1)
+
+
+@pytest.mark.parametrize(
+    "pred,golds,contained",
+    [
+        ("Lima, the capital of Peru.", ["Lima"], 1.0),  # a sentence around the answer still knows it
+        ("Lima.", ["Lima"], 1.0),
+        ("The Republic of Niger", ["Nigeria"], 0.0),
+        ("Nigeria's capital", ["Niger"], 0.0),  # whole words only
+        ("New South Wales", ["South Wales"], 1.0),
+        ("it is in south america", ["South America", "SA"], 1.0),
+        ("Paris", ["Lyon", "Marseille"], 0.0),
+        ("anything", ["the"], 0.0),  # an answer that normalizes to nothing matches nothing
+    ],
+)
+def test_contains_answer(pred, golds, contained):
+    assert contains_answer(pred, golds) == contained

@@ -82,8 +82,9 @@ def test_greedy_generation_and_qa_metrics(tok_dir):
     res = evaluate_qa(model, tok, datasets.Dataset.from_list(QA), prompt=PROMPT, batch_size=2, max_new_tokens=12)
     assert res["count"] == 3
     assert res["em"] == pytest.approx(2 / 3) and res["f1"] == pytest.approx((1 + 1 + 2 / 3) / 3)
+    assert res["contains"] == pytest.approx(2 / 3)  # "Rome, Italy" is not inside "Rome"
     wrong = evaluate_qa(_answering_model(tok, "Milan"), tok, datasets.Dataset.from_list(QA), prompt=PROMPT, batch_size=3, max_new_tokens=12)
-    assert wrong["em"] == pytest.approx(1 / 3)
+    assert wrong["em"] == pytest.approx(1 / 3) and wrong["contains"] == pytest.approx(1 / 3)
 
 
 CHOICES = [
@@ -219,7 +220,7 @@ def test_run_eval_runs_every_task_and_restores_train_mode(tok_dir, tmp_path):
     model.train()
     results = run_eval(model, tok, cfg, cache_dir=str(tmp_path / "cache"))
     assert model.training  # restored
-    assert results["nq/em"] == pytest.approx(2 / 3) and set(results) == {"nq/em", "nq/f1", "nq/count", "held/nll", "held/ppl", "held/tokens"}
+    assert results["nq/em"] == pytest.approx(2 / 3) and set(results) == {"nq/em", "nq/f1", "nq/contains", "nq/count", "held/nll", "held/ppl", "held/tokens"}
 
 
 def _tiny_lm(vocab: int):

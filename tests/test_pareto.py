@@ -14,6 +14,7 @@ import pytest
 
 from benchmarks.pareto import (Grid, Point, Run, below_front, budget_of, drop_at, equal_learning, expand, fronts, fuar, load_grid, load_results,
                                main, markdown, pareto_front, plot, ratio, summarize, sweep)
+from smft_dist.eval.report import last_eval
 from tests.multiproc import run_ranks
 from tests.test_train import _job, _train, world  # noqa: F401  (world is a fixture)
 
@@ -191,7 +192,7 @@ def test_real_runs_measure_rows_and_trainable_parameters(world, tmp_path):  # no
                "eval.max_new_tokens=2", f"eval.tasks={tasks}")
     (tmp_path / "stage2.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump({
-        "config": str(tmp_path / "stage2.yaml"), "seeds": [0],
+        "config": str(tmp_path / "stage2.yaml"), "seeds": [0], "known_metric": "contains",
         "methods": {"smft": {"fixed": ["method.name=smft", "method.ranking=tf"], "grid": {"method.top_t": [5]}},
                     "lora": {"fixed": ["method.name=lora", "method.lora_rank=2"], "grid": {"method.dense_lr": [1e-3]}}}}))
     grid = load_grid(tmp_path / "grid.yaml")
@@ -208,6 +209,21 @@ def test_real_runs_measure_rows_and_trainable_parameters(world, tmp_path):  # no
     assert lora["trainable_per_step"] == 2 * 4 * 2 * (32 + 32) + 3 * 2 * (32 + 96)
     assert lora["optimizer_state_bytes"] == 2 * 4 * lora["trainable_per_step"]  # AdamW: two fp32 moments per adapter weight
     assert set(smft) >= {"new_f1", "known_drop_pct", "nll_delta", "fuar"} and smft["params"] == {"method.top_t": 5}
+    after = last_eval(out / "runs" / "smft_top_t5_s0" / "metrics.jsonl")  # forgetting measured on answer containment,
+    assert smft["known_metric"] == "contains" and smft["known_drop_pct"] == pytest.approx(  # F1 kept as a probe
+        100 * (base["known_facts/contains"] - after["known_facts/contains"]) / max(base["known_facts/contains"], 1e-9))
+    assert smft["known_f1_drop_pct"] == pytest.approx(100 * (base["known_facts/f1"] - after["known_facts/f1"]) / max(base["known_facts/f1"], 1e-9))
+
+
+def test_known_metric_is_chosen_by_the_grid_and_named_in_the_table(tmp_path):
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text("config: unused.yaml\nseeds: [0]\nknown_metric: contains\nmethods: {smft: {fixed: [method.name=smft]}}\n")
+    assert load_grid(grid_file).known_metric == "contains"
+    table = markdown(summarize([_result("smft", {"lr": 1}, 0, 0.5, 10)]), {**BASE, "known_facts/contains": 0.9}, (0.5,), "contains")
+    assert "known-fact answer-contained 0.900" in table and "| known answer-contained drop % |" in table
+    grid_file.write_text(grid_file.read_text().replace("contains", "recall"))
+    with pytest.raises(SystemExit, match="known_metric 'recall' is not one of \\['contains', 'em', 'f1'\\]"):
+        load_grid(grid_file)
 
 
 def test_probes_are_recorded_where_both_evaluations_have_them():

@@ -36,3 +36,10 @@ def token_f1(prediction: str, answers: Sequence[str]) -> float:
     """Bag-of-tokens F1 between the normalized prediction and answer, maximized over ``answers``."""
     pred = normalize_answer(prediction).split()
     return max((_f1(pred, normalize_answer(a).split()) for a in answers), default=0.0)
+
+
+def contains_answer(prediction: str, answers: Sequence[str]) -> float:
+    """1.0 if any normalized gold answer occurs in the normalized prediction as whole words, else
+    0.0: the fact is known whatever the answer's format ("Lima, the capital of Peru" for "Lima")."""
+    pred = f" {normalize_answer(prediction)} "
+    return float(any(f" {normalize_answer(a)} " in pred for a in answers if normalize_answer(a)))

@@ -26,7 +26,7 @@ from smft_dist.config import EvalConfig, EvalTaskConfig
 from smft_dist.data.packing import IGNORE, collate, collate_rows, encode, pad_row, tokenize_pairs, tokenize_text
 from smft_dist.data.schemas import DataError
 from smft_dist.data.sources import load_records
-from smft_dist.eval.metrics import exact_match, token_f1
+from smft_dist.eval.metrics import contains_answer, exact_match, token_f1
 from smft_dist.model.transformer import KVCache, Transformer
 
 Model = Callable[..., object]
@@ -186,10 +186,11 @@ def evaluate_qa(
     model: Model, tokenizer: PreTrainedTokenizerBase, records: datasets.Dataset, *, prompt: str, batch_size: int,
     max_new_tokens: int, lockstep: bool = False,
 ) -> dict[str, float]:
-    """Exact match and token F1 (max over gold answers) of greedy answers to ``qa`` records."""
+    """Exact match, token F1 (max over gold answers) and answer containment (a gold answer's words
+    inside the answer: format-free) of greedy answers to ``qa`` records."""
     rank, world = _rank_world()
     part = records.select(range(rank, len(records), world))
-    em = f1 = 0.0
+    em = f1 = contains = 0.0
     for start in _batch_starts(len(part), batch_size, _device(model), lockstep):
         chunk = part[start : start + batch_size]
         prompts = [prompt.format(question=q) for q in chunk["question"]]
@@ -197,8 +198,9 @@ def evaluate_qa(
         for pred, answers in zip(preds, chunk["answers"]):
             em += exact_match(pred, answers)
             f1 += token_f1(pred, answers)
-    em, f1, n = all_reduce_sums([em, f1, len(part)], _device(model))
-    return {"em": em / max(n, 1), "f1": f1 / max(n, 1), "count": n}
+            contains += contains_answer(pred, answers)
+    em, f1, contains, n = all_reduce_sums([em, f1, contains, len(part)], _device(model))
+    return {"em": em / max(n, 1), "f1": f1 / max(n, 1), "contains": contains / max(n, 1), "count": n}
 
 
 @torch.no_grad()
