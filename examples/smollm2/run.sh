@@ -29,15 +29,14 @@ fi
 [[ -f $DATA/facts_known.jsonl ]] || $PY $EX/build_data.py --model "$BASE" --out $DATA
 mkdir -p $OUT
 if (( W2_ZERO )); then
-  RETRO=$OUT/retrofit_w2_zero SMFT_FROM=$OUT/recovery/hf
+  RETRO=$OUT/retrofit_w2_zero SMFT_FROM=$OUT/recovery/hf RUN_OUT=$OUT/smft_w2_zero
   [[ -f $RETRO/config.json ]] || $PY -m smft_dist.retrofit --model "$BASE" --layers 15 --out $RETRO --memory-init w2_zero n_keys=256
   [[ -f $SMFT_FROM/config.json ]] || "${RUN[@]}" -m smft_dist.train --config $EX/recovery.yaml
 else
-  RETRO=$OUT/retrofit SMFT_FROM=$OUT/retrofit
+  RETRO=$OUT/retrofit SMFT_FROM=$OUT/retrofit RUN_OUT=$OUT/smft
   [[ -f $RETRO/config.json ]] || $PY -m smft_dist.retrofit --model "$BASE" --layers 15 --out $RETRO \
     --memory-init values_zero --calibration-text $DATA/calibration.txt n_keys=256
 fi
-RUN_OUT=$OUT/smft$( (( W2_ZERO )) && echo _w2_zero)
 COMMON=(train.init_from=$SMFT_FROM data.tokenizer=$RETRO method.background=$OUT/background_$(basename $RETRO).safetensors)
 [[ -f $OUT/background_$(basename $RETRO).safetensors ]] || "${RUN[@]}" -m smft_dist.background --config $EX/smft.yaml \
   --out $OUT/background_$(basename $RETRO).safetensors --batches 200 "${COMMON[@]}"
