@@ -5,8 +5,9 @@ the same run, and each method's trainable parameters and optimizer state.
 Each method runs in its own process (so each has its own peak memory), on the stage-2 config's model
 (``train.init_from``) and continual stream, through the trainer's path (``parallelize``,
 ``train_step``): ``--warmup`` steps, then ``--steps`` timed steps over the same batches. Peak memory is
-the process's peak resident set on the CPU (``VmHWM``; the model alone is the peak before the first
-step) and ``max_memory_allocated`` on a GPU; step MiB is the peak above the model's. rows/step: value
+the process's peak resident set during the steps on the CPU (``VmHWM``, reset after building) and
+``max_memory_allocated`` on a GPU; model MiB is what the process holds before the first step (model,
+tables, optimizer set up), step MiB the peak above it. rows/step: value
 rows the deferred row update trained (smft: its top-t; memory_ft: every accessed row); full_ft's AdamW
 updates value rows inside the table's fused optimizer, counted in its optimizer state.
 
@@ -33,13 +34,20 @@ METHODS = {
 BASELINE = "full_ft"
 
 
-def peak_rss_bytes() -> int:
-    """The process's peak resident set so far (Linux ``VmHWM``)."""
+def rss_bytes(field: str) -> int:
+    """The process's resident set (``VmRSS``) or its peak since the last :func:`reset_peak_rss`
+    (``VmHWM``), from Linux's /proc/self/status."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("benchmarks.method_cost: no VmHWM in /proc/self/status (needs Linux)")
+    raise RuntimeError(f"benchmarks.method_cost: no {field} in /proc/self/status (needs Linux)")
+
+
+def reset_peak_rss() -> None:
+    """Start ``VmHWM`` again from the current resident set (Linux ``clear_refs`` 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def measure(config: str, overrides: list[str], warmup: int, steps: int) -> dict:
@@ -69,9 +77,11 @@ def measure(config: str, overrides: list[str], warmup: int, steps: int) -> dict:
     state = method_state_bytes(cfg, model, plan)
     par = parallelize(model, cfg, plan, device)
     cuda = device.type == "cuda"
-    model_bytes = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
+    model_bytes = torch.cuda.memory_allocated() if cuda else rss_bytes("VmRSS")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_rss()
     times, rows, tokens = [], [], 0
     for i, batch in enumerate(batches):
         t0 = time.perf_counter()
@@ -84,7 +94,7 @@ def measure(config: str, overrides: list[str], warmup: int, steps: int) -> dict:
             tokens += int(batch["attention_mask"].sum())
             rows.append(sum(s.selected.numel() for s in plan.selectors.values()))
     return {"step_s": statistics.median(times), "tokens_per_s": tokens / sum(times), "model_bytes": model_bytes,
-            "peak_bytes": torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes(),
+            "peak_bytes": torch.cuda.max_memory_allocated() if cuda else rss_bytes("VmHWM"),
             "trainable_dense": trainable, "optimizer_state_bytes": state,
             "rows_per_step": statistics.mean(rows) if plan.selectors else None,
             "threads": torch.get_num_threads(), "device": device.type}
