@@ -36,7 +36,8 @@ def test_overlap_report_on_a_hand_built_log():
     fact_of_step = {1: 0, 2: 1, 3: 0, 4: 1}  # two new facts, two passes
     answers = {10: {(t, 1), (t, 9)}, 11: {(t, 8)}, 12: {(t, 0), (t, 2), (t, 3)}}
     f1_loss = {10: 0.5, 11: 0.0, 12: 1.0}
-    r = overlap_report(trained, fact_of_step, answers, f1_loss)
+    contains_loss = {10: 0.0, 11: 0.0, 12: 1.0}  # fact 10 changed its answer's format only
+    r = overlap_report(trained, fact_of_step, answers, {"f1": f1_loss, "contains": contains_loss})
     assert r["new_facts"] == 2 and r["slots_per_new_fact"] == {"min": 1, "median": 3, "max": 3}  # fact 0: {0, 1, 3}; fact 1: {2}
     assert r["slots_updated"] == 4
     assert r["updates_per_slot"] == {1: 2, 2: 2}  # slots 0, 3 once; 1, 2 twice
@@ -44,6 +45,10 @@ def test_overlap_report_on_a_hand_built_log():
     assert r["answer_slots_updated_fraction"] == {"10": 0.5, "11": 0.0, "12": 1.0}
     assert r["overlap_histogram"] == {0: 1, 1: 1, 3: 1} and r["known_facts_touched"] == 2
     assert r["f1_loss_vs_answer_slots_updated"] == pytest.approx(pearson([1, 0, 3], [0.5, 0.0, 1.0]))
+    assert r["contains_loss_vs_answer_slots_updated"] == pytest.approx(pearson([1, 0, 3], [0.0, 0.0, 1.0]))
+    assert r["lost_vs_kept_answer_slots_updated_fraction"] == {
+        "f1": {"lost": {"facts": 2, "mean": 0.75}, "kept": {"facts": 1, "mean": 0.0}},
+        "contains": {"lost": {"facts": 1, "mean": 1.0}, "kept": {"facts": 2, "mean": 0.25}}}
     assert pearson([1, 0, 3], [0.5, 0.0, 1.0]) == pytest.approx(0.9820, abs=1e-4)
     assert pearson([1, 1], [0.0, 1.0]) is None
 

@@ -7,9 +7,10 @@ Needs an SMFT run made with ``train.log_selected_slots=true`` (its ``selected_sl
 (the record of each step, replayed from the stream's seeded order); for every known fact, the answer
 slots: the slots the starting model's memory layers read at the positions that predict the answer
 tokens of ``qa_prompt`` + " " + answer. Reports the overlap distribution (how many of a known fact's
-answer slots were trained), how many times each trained slot was updated, and the correlation of a
-known fact's F1 loss (start vs end model, greedy answers) with the number of its answer slots
-updated. ``--restore-shared K`` also puts the rows trained for >= K distinct new facts back to their
+answer slots were trained), how many times each trained slot was updated, and, for each per-fact
+score of the greedy answers (token F1, and answer containment, which a change of answer format alone
+does not move), the correlation of a known fact's loss (start vs end model) with the number of its
+answer slots updated and the share of its answer slots updated among the facts lost vs kept. ``--restore-shared K`` also puts the rows trained for >= K distinct new facts back to their
 starting values and reports known- and new-fact F1 of that model against the end model, with those
 rows' share of the update norm: do the shared rows carry the learning, the forgetting, or both?
 Writes ``RUN/overlap.json``.
@@ -71,10 +72,10 @@ def overlap_report(
     trained: dict[int, set[Slot]],
     fact_of_step: dict[int, int],
     answer_slots: dict[int, set[Slot]],
-    f1_loss: dict[int, float],
+    losses: dict[str, dict[int, float]],
 ) -> dict:
     """The analysis from its inputs: slots trained per step, the new fact of each step, each known
-    fact's answer slots and its F1 loss (start - end)."""
+    fact's answer slots and, per score (``f1``, ``contains``), its loss (start - end)."""
     updates: Counter[Slot] = Counter()
     per_fact: dict[int, set[Slot]] = defaultdict(set)
     for step, slots in trained.items():
@@ -95,7 +96,12 @@ def overlap_report(
         "answer_slots_updated_fraction": {str(k): frac[k] for k in known},
         "overlap_histogram": dict(sorted(Counter(hit.values()).items())),  # answer slots updated -> known facts
         "known_facts_touched": sum(1 for k in known if hit[k] > 0),
-        "f1_loss_vs_answer_slots_updated": pearson([hit[k] for k in known], [f1_loss.get(k, 0.0) for k in known]),
+        **{f"{score}_loss_vs_answer_slots_updated": pearson([hit[k] for k in known], [loss.get(k, 0.0) for k in known])
+           for score, loss in losses.items()},
+        "lost_vs_kept_answer_slots_updated_fraction": {score: {
+            group: {"facts": len(ks), "mean": fmean(frac[k] for k in ks) if ks else None}
+            for group, ks in (("lost", [k for k in known if loss.get(k, 0.0) > 0]), ("kept", [k for k in known if loss.get(k, 0.0) <= 0]))}
+            for score, loss in losses.items()},
     }
 
 
@@ -151,14 +157,20 @@ def answer_slots(model, tokenizer, prompts: list[str], answers: list[str]) -> li
     return out
 
 
-def per_fact_f1(model, tokenizer, prompts: list[str], answers: list[list[str]], max_new_tokens: int) -> list[float]:
-    from smft_dist.eval.metrics import token_f1
+def per_fact_scores(model, tokenizer, prompts: list[str], answers: list[list[str]], max_new_tokens: int) -> dict[str, list[float]]:
+    """Per fact, the greedy answer's token F1 and answer containment (``f1``, ``contains``)."""
+    from smft_dist.eval.metrics import contains_answer, token_f1
     from smft_dist.eval.runner import greedy_generate
 
     preds: list[str] = []
     for start in range(0, len(prompts), 32):
         preds += greedy_generate(model, tokenizer, prompts[start : start + 32], max_new_tokens)
-    return [token_f1(p, a) for p, a in zip(preds, answers)]
+    return {"f1": [token_f1(p, a) for p, a in zip(preds, answers)], "contains": [contains_answer(p, a) for p, a in zip(preds, answers)]}
+
+
+def per_fact_f1(model, tokenizer, prompts: list[str], answers: list[list[str]], max_new_tokens: int) -> list[float]:
+    """Per fact, the greedy answer's token F1."""
+    return per_fact_scores(model, tokenizer, prompts, answers, max_new_tokens)["f1"]
 
 
 def _task(cfg, name: str):
@@ -194,18 +206,20 @@ def analyze(run: Path, max_known: int, known_task: str = "known_facts", restore_
     start = AutoModelForCausalLM.from_pretrained(cfg.train.init_from).eval()
     end = AutoModelForCausalLM.from_pretrained(str(run / "hf")).eval()
     slots = answer_slots(start.model, tokenizer, prompts, [a[0] for a in answers])
-    before = per_fact_f1(start, tokenizer, prompts, answers, cfg.eval.max_new_tokens)
-    after = per_fact_f1(end, tokenizer, prompts, answers, cfg.eval.max_new_tokens)
-    report = overlap_report(trained, fact_of_step, dict(enumerate(slots)), {i: b - a for i, (b, a) in enumerate(zip(before, after))})
+    before = per_fact_scores(start, tokenizer, prompts, answers, cfg.eval.max_new_tokens)
+    after = per_fact_scores(end, tokenizer, prompts, answers, cfg.eval.max_new_tokens)
+    losses = {score: {i: b - a for i, (b, a) in enumerate(zip(before[score], after[score]))} for score in before}
+    report = overlap_report(trained, fact_of_step, dict(enumerate(slots)), losses)
     if restore_shared is not None:
         new_facts = _task(cfg, new_task)
         new_f1_end = run_task(end, tokenizer, new_facts, cfg.eval, cfg.data.cache_dir)["f1"]
         shared = {slot for slot, n in facts_per_slot(trained, fact_of_step).items() if n >= restore_shared}
         norm_share = restore_rows(end, start, shared)
-        restored = per_fact_f1(end, tokenizer, prompts, answers, cfg.eval.max_new_tokens)
+        restored = per_fact_scores(end, tokenizer, prompts, answers, cfg.eval.max_new_tokens)
         report["restore_shared"] = {
             "min_facts": restore_shared, "rows": len(shared), "update_norm_share": norm_share,
-            "known_f1": {"start": fmean(before), "end": fmean(after), "restored": fmean(restored)},
+            **{f"known_{score}": {"start": fmean(before[score]), "end": fmean(after[score]), "restored": fmean(restored[score])}
+               for score in before},
             "new_f1": {"end": new_f1_end, "restored": run_task(end, tokenizer, new_facts, cfg.eval, cfg.data.cache_dir)["f1"]},
         }
     return report
