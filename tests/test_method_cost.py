@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from benchmarks import method_cost
+from smft_dist.config import load_config
 from smft_dist.data.synthetic import WorldSize, generate
 from smft_dist.model.transformer import Transformer
-from smft_dist.config import load_config
 
 
 @pytest.fixture(scope="module")
