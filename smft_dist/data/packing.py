@@ -3,26 +3,56 @@ pretraining, per-example padding for fact and document streams.
 
 Every row has ``input_ids``, ``attention_mask`` (1 = real token) and ``labels`` of one length.
 ``labels`` follow the HF convention (aligned with ``input_ids``; the model shifts), with -100 on
-padding and on tokens that are not scored (a prompt).
+padding and on tokens that are not scored (a prompt; under a stream's ``score: answer``, every token
+of a fact's text but those of its answer).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import datasets
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from smft_dist.data.schemas import DataError
+
 IGNORE = -100
+
+
+def _specials(tokenizer: PreTrainedTokenizerBase, bos: bool, eos: bool) -> tuple[list[int], list[int]]:
+    """The ids put before (the tokenizer's bos, if it has one) and after (eos) each text."""
+    first = [tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []
+    return first, [tokenizer.eos_token_id] if eos else []
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], bos: bool = True, eos: bool = True) -> list[list[int]]:
     """Token ids of each text, with the tokenizer's bos (if it has one) first and eos last."""
     ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []
-    end = [tokenizer.eos_token_id] if eos else []
-    return [bos + x + end for x in ids]
+    first, end = _specials(tokenizer, bos, eos)
+    return [first + x + end for x in ids]
+
+
+def answer_span(text: str, answer: str) -> tuple[int, int] | None:
+    """Character span [start, end) of the last case-insensitive occurrence of ``answer`` (stripped)
+    in ``text``; None when there is none or the answer is blank."""
+    answer = answer.strip()
+    matches = list(re.finditer(f"(?=({re.escape(answer)}))", text, re.IGNORECASE)) if answer else []
+    return matches[-1].span(1) if matches else None
+
+
+def encode_span(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], spans: Sequence[tuple[int, int]]) -> tuple[list[list[int]], list[list[int]]]:
+    """(ids, labels) of each text: its :func:`encode` ids (bos, eos) and labels that score only the
+    tokens whose characters overlap the text's span [start, end) (a fast tokenizer's offsets), IGNORE
+    elsewhere (bos and eos included)."""
+    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    first, end = _specials(tokenizer, True, True)
+    ids, labels = [], []
+    for x, offsets, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], spans):
+        ids.append(first + x + end)
+        labels.append([IGNORE] * len(first) + [t if s < b and e > a else IGNORE for t, (s, e) in zip(x, offsets)] + [IGNORE] * len(end))
+    return ids, labels
 
 
 def pad_row(ids: Sequence[int], seq_len: int, pad_id: int, labels: Sequence[int] | None = None) -> dict[str, list[int]]:
@@ -82,6 +112,27 @@ def tokenize_groups(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, nu
         return {"ids": [encode(tokenizer, list(v) or [m]) for m, v in zip(batch[main], batch[variants])]}
 
     return ds.map(fn, batched=True, remove_columns=ds.column_names, num_proc=num_proc, desc="tokenize")
+
+
+def tokenize_answers(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, where: str, num_proc: int | None = None) -> datasets.Dataset:
+    """``facts`` records to ``ids`` and ``labels``: per training text (as :func:`tokenize_groups`
+    picks them), its token ids and labels that score only the tokens of the record's answer (its
+    last case-insensitive occurrence, :func:`answer_span`). A text without its answer raises
+    :class:`DataError` naming ``where`` (the source), the record index and the text."""
+
+    def fn(batch, indices):
+        ids, labels = [], []
+        for i, fact, paraphrases, answer in zip(indices, batch["fact"], batch["paraphrases"], batch["answer"]):
+            texts = list(paraphrases) or [fact]
+            spans = [answer_span(text, answer) for text in texts]
+            if None in spans:
+                raise DataError(f"{where}: record {i}: the answer {answer!r} is not in the text {texts[spans.index(None)]!r}")
+            x, y = encode_span(tokenizer, texts, spans)
+            ids.append(x)
+            labels.append(y)
+        return {"ids": ids, "labels": labels}
+
+    return ds.map(fn, batched=True, with_indices=True, remove_columns=ds.column_names, num_proc=num_proc, desc="tokenize")
 
 
 def collate(rows: dict[str, list[list[int]]]) -> dict[str, torch.Tensor]:
