@@ -164,13 +164,17 @@ class SourceConfig:
         _require(self.max_examples is None or self.max_examples > 0, f"{prefix}.max_examples", "must be positive")
 
 
+SCORES = ("all", "answer")
+
+
 @dataclass
 class StreamConfig:
     """A batch stream over one source. ``batch_size`` is global (split evenly over ranks).
 
     Text sources are packed into ``seq_len`` tokens (``pack``) or padded per document; fact and
     document sources give one record per batch, its texts cycled to ``batch_size`` rows and
-    padded (never packed) to ``seq_len``.
+    padded (never packed) to ``seq_len``. ``score`` says which tokens the loss scores: every real
+    token, or (facts) only those of the record's answer in each text.
     """
 
     source: SourceConfig = field(default_factory=SourceConfig)
@@ -178,12 +182,16 @@ class StreamConfig:
     batch_size: int = 8
     pack: bool = True
     shuffle: bool = True
+    score: str = "all"  # all: every real token | answer (facts): only the answer's tokens (its last occurrence in each text)
 
     def validate(self, prefix: str) -> None:
         self.source.validate(f"{prefix}.source")
         _require(self.seq_len > 1, f"{prefix}.seq_len", "must be > 1")
         _require(self.batch_size > 0, f"{prefix}.batch_size", "must be positive")
         _require(self.source.schema in ("text", "facts", "documents", "dclm"), f"{prefix}.source.schema", f"{self.source.schema!r} cannot be trained on; use text, facts, documents or dclm")
+        _require(self.score in SCORES, f"{prefix}.score", f"{self.score!r} is not one of {', '.join(SCORES)}")
+        _require(self.score == "all" or self.source.schema == "facts", f"{prefix}.score",
+                 f"answer needs a facts source ({prefix}.source.schema is {self.source.schema!r})")
 
 
 @dataclass

@@ -12,7 +12,7 @@ A stream yields batches ``{input_ids, attention_mask, labels}`` (long [b, S], b 
   refilled on resume, so exact resume needs ``shuffle: false``).
 * facts / documents: one record per batch, in file order unless ``shuffle``; its texts are cycled to
   ``batch_size`` rows, each padded (never packed) to ``seq_len``; rank ``r`` takes the ``r``-th
-  slice of the rows.
+  slice of the rows. Under ``score: answer`` (facts) a row's labels score only the answer's tokens.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from datasets.distributed import split_dataset_by_node
 from transformers import PreTrainedTokenizerBase
 
 from smft_dist.config import ConfigError, StreamConfig
-from smft_dist.data.packing import collate, collate_rows, pad_row, tokenize_groups, tokenize_text
+from smft_dist.data.packing import IGNORE, collate, collate_rows, pad_row, tokenize_answers, tokenize_groups, tokenize_text
 from smft_dist.data.schemas import DataError
 from smft_dist.data.sources import load_records
 
@@ -97,6 +97,16 @@ class IterableStream:
         self.dataset.load_state_dict(state["dataset"])
 
 
+def check_answers_fit(groups: datasets.Dataset, seq_len: int, where: str) -> None:
+    """Raise :class:`DataError` naming ``where`` and the record at the first text whose scored
+    (answer) tokens do not all lie within ``seq_len`` (truncation would drop them from the loss)."""
+    for i, labels in enumerate(groups["labels"]):
+        for k, row in enumerate(labels):
+            scored = [p for p, t in enumerate(row) if t != IGNORE]
+            if not scored or scored[-1] >= seq_len:
+                raise DataError(f"{where}: record {i}: the answer's tokens in text {k} do not fit in seq_len={seq_len}; raise seq_len")
+
+
 def build_stream(
     cfg: StreamConfig,
     tokenizer: PreTrainedTokenizerBase,
@@ -110,7 +120,8 @@ def build_stream(
     """The stream ``cfg`` describes, for data-parallel ``rank`` of ``world_size``.
 
     Text (and dclm) sources give packed (``cfg.pack``) or padded pretraining rows; facts and
-    documents sources give one record in ``cfg.batch_size`` variants per batch.
+    documents sources give one record in ``cfg.batch_size`` variants per batch, every real token
+    scored, or (``cfg.score`` answer) only the answer's (:func:`check_answers_fit` first).
     """
     if cfg.batch_size % world_size:
         raise ConfigError(f"batch_size: {cfg.batch_size} is not divisible by the world size {world_size}")
@@ -122,11 +133,19 @@ def build_stream(
     if src.schema in ("facts", "documents"):
         if src.streaming:
             raise ConfigError(f"{src.path}: {src.schema} streams are map-style; set streaming: false")
-        groups = tokenize_groups(load_records(src, src.schema, cache_dir), tokenizer, num_proc)
+        records = load_records(src, src.schema, cache_dir)
+        if cfg.score == "answer":
+            groups = tokenize_answers(records, tokenizer, src.path, num_proc)
+            check_answers_fit(groups, cfg.seq_len, src.path)
+        else:
+            groups = tokenize_groups(records, tokenizer, num_proc)
 
         def make_group_batch(indices: list[int]) -> Batch:
-            ids = groups[indices[0]]["ids"]
-            return collate_rows([pad_row(ids[j % len(ids)], cfg.seq_len, pad_id) for j in range(lo, hi)])
+            group = groups[indices[0]]
+            ids = group["ids"]
+            labels = group.get("labels", [None] * len(ids))  # None: every real token scored
+            texts = [j % len(ids) for j in range(lo, hi)]
+            return collate_rows([pad_row(ids[k], cfg.seq_len, pad_id, labels[k]) for k in texts])
 
         stream = IndexedStream(len(groups), 1, make_group_batch, shuffle=cfg.shuffle, seed=seed)
     else:
