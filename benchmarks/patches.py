@@ -65,12 +65,12 @@ class Evaluator:
         from transformers import AutoModelForCausalLM
 
         import smft_dist.model  # noqa: F401
-        from smft_dist.analysis.overlap import per_fact_f1
+        from smft_dist.analysis.overlap import per_fact_scores
 
         model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
         q = self.cfg.eval.qa_prompt
-        f1 = lambda recs: per_fact_f1(model, self.tokenizer, [q.format(question=x) for x in recs["question"]],  # noqa: E731
-                                       recs["answers"], self.cfg.eval.max_new_tokens)
+        f1 = lambda recs: per_fact_scores(model, self.tokenizer, [q.format(question=x) for x in recs["question"]],  # noqa: E731
+                                          recs["answers"], self.cfg.eval.max_new_tokens)["f1"]
         return {"new": f1(self.new), "known": fmean(f1(self.known))}
 
 

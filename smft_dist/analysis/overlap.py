@@ -168,11 +168,6 @@ def per_fact_scores(model, tokenizer, prompts: list[str], answers: list[list[str
     return {"f1": [token_f1(p, a) for p, a in zip(preds, answers)], "contains": [contains_answer(p, a) for p, a in zip(preds, answers)]}
 
 
-def per_fact_f1(model, tokenizer, prompts: list[str], answers: list[list[str]], max_new_tokens: int) -> list[float]:
-    """Per fact, the greedy answer's token F1."""
-    return per_fact_scores(model, tokenizer, prompts, answers, max_new_tokens)["f1"]
-
-
 def _task(cfg, name: str):
     """The run config's eval task called ``name``."""
     task = next((t for t in cfg.eval.tasks if t.name == name), None)

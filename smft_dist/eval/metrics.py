@@ -42,4 +42,5 @@ def contains_answer(prediction: str, answers: Sequence[str]) -> float:
     """1.0 if any normalized gold answer occurs in the normalized prediction as whole words, else
     0.0: the fact is known whatever the answer's format ("Lima, the capital of Peru" for "Lima")."""
     pred = f" {normalize_answer(prediction)} "
-    return float(any(f" {normalize_answer(a)} " in pred for a in answers if normalize_answer(a)))
+    golds = (normalize_answer(a) for a in answers)
+    return float(any(f" {g} " in pred for g in golds if g))
