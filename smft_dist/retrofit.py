@@ -5,7 +5,8 @@ the checkpoint's tokenizer copied beside it) that ``train.init_from`` starts fro
 beside`` (default) adds each memory layer next to the block's FFN so that the result computes the
 original function: ``--memory-init values_zero`` (default) zeroes the value rows and sizes W2 on
 ``--calibration-text`` (SMFT can start at once), ``w2_zero`` zeroes W2 (run ``memory_pretrain``
-recovery before SMFT). ``replace`` swaps the FFN out. Memory shape:
+recovery before SMFT); ``--center-queries`` centers the untrained queries on the calibration text's
+mean memory input (reads spread over the table). ``replace`` swaps the FFN out. Memory shape:
 ``key=value`` overrides of ``model.memory`` fields, e.g. ``n_keys=512 heads=4 topk=32 k_dim=128``.
 """
 
@@ -41,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--memory-init", default=None, choices=MEMORY_INITS,
                    help="beside placement: values_zero (default; SMFT can start at once) or w2_zero (needs recovery)")
     p.add_argument("--calibration-text", default=None, help="text file that sizes W2 under values_zero (default: random tokens)")
+    p.add_argument("--center-queries", action="store_true",
+                   help="beside placement: query bias = -W_q mean(x) on the calibration text (reads less shared between prompts)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: --model)")
     p.add_argument("--seed", type=int, default=0, help="seed of the memory layers' initial values")
     p.add_argument("memory", nargs="*", help="model.memory overrides, e.g. n_keys=512 topk=32")
@@ -55,19 +58,21 @@ def main(argv: list[str] | None = None) -> None:
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         except (OSError, ValueError) as e:
             raise ConfigError(f"--tokenizer: cannot load a tokenizer from {args.tokenizer or args.model} ({str(e).splitlines()[0]})") from None
-        if args.placement == "replace" and (args.memory_init or args.calibration_text):
-            raise ConfigError("--memory-init / --calibration-text: only for --placement beside (replace starts at the reference init)")
+        if args.placement == "replace" and (args.memory_init or args.calibration_text or args.center_queries):
+            raise ConfigError("--memory-init / --calibration-text / --center-queries: only for --placement beside "
+                              "(replace starts at the reference init)")
         init = args.memory_init or "values_zero"
         calibration = calibration_tokens(tokenizer, args.calibration_text) if args.calibration_text else None
         torch.manual_seed(args.seed)
-        model = retrofit(args.model, memory, init, calibration)
+        model = retrofit(args.model, memory, init, calibration, center_queries=args.center_queries)
     except (ConfigError, OSError, ValueError) as e:  # ValueError: transformers does not know the model_type
         raise SystemExit(f"smft_dist.retrofit: {str(e).strip().splitlines()[0]}") from None
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     cfg = model.config.to_model_config()
+    centered = ", queries centered" if args.center_queries else ""
     print(f"retrofit: {args.model} -> {args.out}: memory {memory.placement} the FFN of layers {memory.layers}"
-          f"{f' ({init})' if memory.placement == 'beside' else ''}, "
+          f"{f' ({init}{centered})' if memory.placement == 'beside' else ''}, "
           f"{memory.num_slots} slots x {cfg.value_dim} per table", flush=True)
 
 

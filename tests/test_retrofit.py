@@ -174,7 +174,44 @@ def test_cli_writes_an_init_from_directory_with_tokenizer(tmp_path, capsys):
     for bad, field in ((["--layers", "5"], "model.memory.layers"), (["--layers", "1", "topk=99"], "model.memory.topk"),
                        (["--layers", "1", "bogus=1"], "model.memory.bogus"),
                        (["--layers", "1", "--placement", "replace", "--memory-init", "w2_zero"], "--memory-init"),
+                       (["--layers", "1", "--placement", "replace", "--center-queries"], "--center-queries"),
                        (["--layers", "1", "--calibration-text", str(tmp_path / "none.txt")], "--calibration-text")):
         with pytest.raises(SystemExit, match=field) as e:
             main(["--model", str(tmp_path / "hf"), "--out", str(tmp_path / "bad"), *bad])
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("init", ["values_zero", "w2_zero"])
+def test_centered_queries_keep_the_function_and_center_the_reads(init, tmp_path):
+    """--center-queries: the query bias is -W_q mean(x) over the calibration tokens' memory inputs
+    (so the mean pre-norm query is 0 there), the logits still equal the base model's, and the
+    reads differ from the uncentered retrofit's."""
+    hf = tiny_hf("llama", tmp_path / "hf")
+    memory = MemoryConfig(layers=[0, 2], placement="beside", **MEMORY)
+    calibration = torch.randint(0, 80, (3, 16), generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    plain = retrofit(tmp_path / "hf", memory, init, calibration).eval()
+    torch.manual_seed(0)
+    model = retrofit(tmp_path / "hf", memory, init, calibration, center_queries=True).eval()
+    ids, _ = _ids_mask()
+    torch.testing.assert_close(model(ids).logits, hf(ids).logits)
+
+    inputs = {i: [] for i in range(2)}
+    hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: inputs[i].append(a[0].reshape(-1, a[0].shape[-1])))
+             for i, layer in enumerate(model.model.memory_layers())]
+    with torch.no_grad():
+        model(calibration)
+        for h in hooks:
+            h.remove()
+        for i, (layer, ref) in enumerate(zip(model.model.memory_layers(), plain.model.memory_layers())):
+            assert torch.equal(layer.query.weight, ref.query.weight) and torch.equal(layer.keys, ref.keys)
+            x = torch.cat(inputs[i])
+            assert layer.query.bias.abs().max() > 1e-3
+            torch.testing.assert_close(layer.query(x).mean(0), torch.zeros(layer.query.out_features), atol=1e-5, rtol=0)
+    plain(ids)
+    model(ids)
+    assert any(not torch.equal(a.last_access.indices, b.last_access.indices)
+               for a, b in zip(model.model.memory_layers(), plain.model.memory_layers()))
+
+    with pytest.raises(ConfigError, match="query_bias"):
+        retrofit(tmp_path / "hf", MemoryConfig(layers=[0], placement="beside", query_bias=False, **MEMORY), init, center_queries=True)

@@ -11,6 +11,12 @@ two ways (``init``):
 - ``w2_zero``: W2 is 0 (values at the reference init). smft / memory_ft keep W2 frozen, so they
   refuse such a model; recovery training (``method.name=memory_pretrain``) must move W2 first.
 
+``center_queries`` (beside only) sets each memory layer's query bias to -W_q mean(x) over the
+calibration tokens' memory inputs x: the retrofitted (untrained) product keys then hash each token's
+deviation from the block's mean input, not the mean every token shares, so reads spread over the
+table and fewer of them are shared between unrelated prompts. The output is unchanged (the memory
+adds nothing at the start either way).
+
 With ``replace`` the FFN of those blocks is dropped (reference init). Options the model cannot
 represent are refused with a :class:`~smft_dist.config.ConfigError` naming the checkpoint's config field.
 """
@@ -82,14 +88,17 @@ def model_config(hc: PretrainedConfig, memory: MemoryConfig, where: str = "confi
 
 
 def retrofit(path: str | Path, memory: MemoryConfig, init: str = "values_zero",
-             calibration: torch.Tensor | None = None) -> SMFTForCausalLM:
+             calibration: torch.Tensor | None = None, center_queries: bool = False) -> SMFTForCausalLM:
     """Build a memory model from the local HF checkpoint at ``path`` (see the module docstring).
 
-    ``calibration``: token ids [B, S] that size W2 under ``values_zero`` (default: 4 x 64 random
-    tokens). The memory layers (and value tables) draw their initial values from the global torch RNG.
+    ``calibration``: token ids [B, S] that size W2 under ``values_zero`` and center the queries
+    under ``center_queries`` (default: 4 x 64 random tokens). The memory layers (and value tables)
+    draw their initial values from the global torch RNG.
     """
     if init not in MEMORY_INITS:
         raise ConfigError(f"memory init: {init!r} is not one of {', '.join(MEMORY_INITS)}")
+    if center_queries and (memory.placement != "beside" or not memory.query_bias):
+        raise ConfigError("center queries: needs model.memory.placement=beside and model.memory.query_bias=true")
     hc = AutoConfig.from_pretrained(str(path))
     cfg = model_config(hc, memory, f"{path}/config.json")
     source = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).state_dict()
@@ -112,15 +121,42 @@ def retrofit(path: str | Path, memory: MemoryConfig, init: str = "values_zero",
         for src, dst in mapped.items():
             target[dst].copy_(source[src])
     if memory.placement == "beside":
+        if calibration is None:
+            calibration = torch.randint(0, cfg.vocab_size, (4, min(64, cfg.max_seq_len)))
         if init == "w2_zero":
             with torch.no_grad():
                 for layer in model.model.memory_layers():
                     layer.w2.weight.zero_()
         else:
-            if calibration is None:
-                calibration = torch.randint(0, cfg.vocab_size, (4, min(64, cfg.max_seq_len)))
             calibrate_w2_(model.model, calibration)
+        if center_queries:  # the memory adds nothing now: each layer sees the original function's inputs
+            center_queries_(model.model, calibration)
     return model
+
+
+@torch.no_grad()
+def center_queries_(model: Transformer, tokens: torch.Tensor) -> None:
+    """Set each memory layer's query bias to -W_q mean(x), x its inputs on ``tokens`` (see the module
+    docstring). Call only where the memory adds nothing, so every layer sees the original inputs."""
+    layers = model.memory_layers()
+    sums = [torch.zeros(layer.query.in_features, dtype=torch.float64) for layer in layers]
+    count = [0]
+
+    def on_memory(module, args, i):
+        x = args[0].reshape(-1, args[0].shape[-1])
+        sums[i] += x.double().sum(0)
+        count[0] += x.shape[0] if i == 0 else 0
+
+    hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: on_memory(m, a, i)) for i, layer in enumerate(layers)]
+    try:
+        for row in tokens:
+            model(row[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    for layer, total in zip(layers, sums):
+        mean = (total / count[0]).to(layer.query.weight.dtype)
+        layer.query.bias.copy_(-(layer.query.weight @ mean))
 
 
 @torch.no_grad()
