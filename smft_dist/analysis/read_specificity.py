@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from collections import Counter
 from statistics import fmean
 
@@ -34,21 +35,24 @@ from smft_dist.analysis.overlap import Slot, answer_slots
 
 
 def fact_selections(model, stream, selectors: dict) -> tuple[list[set[Slot]], set[Slot]]:
-    """Per batch of ``stream`` (in record order), the slots its top-t selects per table; and every
-    slot the batches read. ``selectors``: table name -> (t, ranking, weights)."""
+    """Per batch of ``stream`` (in record order), the slots its top-t selects per table (over the
+    reads of every layer using that table, as the trainer's selector counts them); and every slot the
+    batches read. ``selectors``: table name -> (t, ranking, weights)."""
     from smft_dist.smft.selection import select_top_t
 
-    layers = model.memory_layers()
     selections, read = [], set()
     for batch in stream:
         model(batch["input_ids"], batch["attention_mask"])
+        reads: dict[str, list[torch.Tensor]] = {}
+        for layer in model.memory_layers():
+            reads.setdefault(layer.table_name, []).append(layer.last_access.slots().flatten())
         chosen: set[Slot] = set()
-        for layer in layers:
-            slots = layer.last_access.slots().flatten()
+        for name, parts in reads.items():
+            slots = torch.cat(parts)
             ids, counts = slots[slots >= 0].unique(return_counts=True)
-            t, ranking, weights = selectors[layer.table_name]
-            chosen |= {(layer.table_name, int(s)) for s in select_top_t(ids, counts, t, ranking, weights).tolist()}
-            read |= {(layer.table_name, int(s)) for s in ids.tolist()}
+            t, ranking, weights = selectors[name]
+            chosen |= {(name, int(s)) for s in select_top_t(ids, counts, t, ranking, weights).tolist()}
+            read |= {(name, int(s)) for s in ids.tolist()}
         selections.append(chosen)
     return selections, read
 
@@ -76,22 +80,18 @@ def analyze(cfg, known_task: str, new_task: str) -> dict:
     from smft_dist.data.streams import build_stream
     from smft_dist.data.tokenizer import load_tokenizer
     from smft_dist.smft.background import BackgroundStats
-    from smft_dist.smft.selection import background_log_q, idf
+    from smft_dist.smft.methods import ranking_weights
 
     if cfg.data.continual.source.schema != "facts":
         raise SystemExit("smft_dist.analysis.read_specificity: data.continual must be a facts stream (one fact per step)")
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model = AutoModelForCausalLM.from_pretrained(cfg.train.init_from).eval().model
     background = BackgroundStats.load(cfg.method.background) if cfg.method.ranking in ("tfidf", "kl") else None
-    selectors = {}
-    for layer in model.memory_layers():
-        name = layer.table_name
-        weights = None if background is None else (idf(background.df[name], background.num_batches) if cfg.method.ranking == "tfidf"
-                                                   else background_log_q(background.counts[name]))
-        selectors[name] = (cfg.method.top_t, cfg.method.ranking, weights)
-    stream_cfg = cfg.data.continual
-    stream_cfg.shuffle = False  # record order: batch i is fact i
-    stream = build_stream(stream_cfg, tokenizer, cache_dir=cfg.data.cache_dir)
+    selectors = {layer.table_name: (cfg.method.top_t, cfg.method.ranking,
+                                    ranking_weights(cfg.method.ranking, background, layer.table_name, layer.cfg.num_slots))
+                 for layer in model.memory_layers()}
+    # record order: batch i is fact i
+    stream = build_stream(replace(cfg.data.continual, shuffle=False), tokenizer, cache_dir=cfg.data.cache_dir)
 
     def prompt_slots(task: str) -> list[set[Slot]]:
         records = load_records(_task(cfg, task).source, "qa", cfg.data.cache_dir)
@@ -119,9 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        report = analyze(cfg, args.known_task, args.new_task)
     except ConfigError as e:
         raise SystemExit(f"smft_dist.analysis.read_specificity: {e}") from None
-    print(json.dumps(analyze(cfg, args.known_task, args.new_task), indent=1))
+    print(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def retrofit(path: str | Path, memory: MemoryConfig, init: str = "values_zero",
         for src, dst in mapped.items():
             target[dst].copy_(source[src])
     if memory.placement == "beside":
-        if calibration is None:
+        if calibration is None and (init == "values_zero" or center_queries):
             calibration = torch.randint(0, cfg.vocab_size, (4, min(64, cfg.max_seq_len)))
         if init == "w2_zero":
             with torch.no_grad():
@@ -134,28 +134,26 @@ def retrofit(path: str | Path, memory: MemoryConfig, init: str = "values_zero",
     return model
 
 
-@torch.no_grad()
-def center_queries_(model: Transformer, tokens: torch.Tensor) -> None:
-    """Set each memory layer's query bias to -W_q mean(x), x its inputs on ``tokens`` (see the module
-    docstring). Call only where the memory adds nothing, so every layer sees the original inputs."""
-    layers = model.memory_layers()
-    sums = [torch.zeros(layer.query.in_features, dtype=torch.float64) for layer in layers]
-    count = [0]
-
-    def on_memory(module, args, i):
-        x = args[0].reshape(-1, args[0].shape[-1])
-        sums[i] += x.double().sum(0)
-        count[0] += x.shape[0] if i == 0 else 0
-
-    hooks = [layer.register_forward_pre_hook(lambda m, a, i=i: on_memory(m, a, i)) for i, layer in enumerate(layers)]
+def _run_rows(model: Transformer, tokens: torch.Tensor, hooks: list) -> None:
+    """Forward each row of ``tokens`` alone, then remove ``hooks`` (registered by the caller)."""
     try:
         for row in tokens:
             model(row[None])
     finally:
         for h in hooks:
             h.remove()
-    for layer, total in zip(layers, sums):
-        mean = (total / count[0]).to(layer.query.weight.dtype)
+
+
+@torch.no_grad()
+def center_queries_(model: Transformer, tokens: torch.Tensor) -> None:
+    """Set each memory layer's query bias to -W_q mean(x), x its inputs on ``tokens`` (see the module
+    docstring). Call only where the memory adds nothing, so every layer sees the original inputs."""
+    layers = model.memory_layers()
+    inputs: list[list[torch.Tensor]] = [[] for _ in layers]
+    _run_rows(model, tokens, [layer.register_forward_pre_hook(lambda m, a, i=i: inputs[i].append(a[0].flatten(0, -2).double()))
+                              for i, layer in enumerate(layers)])
+    for layer, xs in zip(layers, inputs):
+        mean = torch.cat(xs).mean(0).to(layer.query.weight.dtype)
         layer.query.bias.copy_(-(layer.query.weight @ mean))
 
 
@@ -178,12 +176,7 @@ def calibrate_w2_(model: Transformer, tokens: torch.Tensor) -> None:
 
         hooks += [b.ffn.register_forward_hook(on_ffn), b.memory.w2.register_forward_pre_hook(on_w2)]
         b.memory.w2.weight.zero_()  # the pass runs the original function: later layers see their own inputs
-    try:
-        for row in tokens:
-            model(row[None])
-    finally:
-        for h in hooks:
-            h.remove()
+    _run_rows(model, tokens, hooks)
     for i, b in enumerate(blocks):
         b.memory.w2.weight.copy_(saved[i] * (ffn_sq[i] / max(mem_sq[i], 1e-30)) ** 0.5)
     for table in model.value_tables.values():

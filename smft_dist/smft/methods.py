@@ -90,21 +90,7 @@ def apply_method(
             name = layer.table_name
             if name in selectors:  # a shared pool: one selector for every layer reading it
                 continue
-            weights = None
-            if ranking == "tfidf":
-                if background is None or name not in background.df:
-                    raise ConfigError(f"method.background: ranking 'tfidf' needs df statistics for table {name!r} "
-                                      "(python -m smft_dist.background)")
-                df, slots = background.df[name], layer.cfg.num_slots
-                if df.numel() != slots or background.num_batches <= 0:
-                    raise ConfigError(f"method.background: df statistics for table {name!r} cover {df.numel()} slots over "
-                                      f"{background.num_batches} batches; the model has {slots} slots (collect them for this model)")
-                weights = idf(df, background.num_batches)
-            elif ranking == "kl":
-                if background is None or name not in background.counts:
-                    raise ConfigError(f"method.background: ranking 'kl' needs background access counts for table {name!r} "
-                                      "(rerun python -m smft_dist.background)")
-                weights = background_log_q(background.counts[name])
+            weights = ranking_weights(ranking, background, name, layer.cfg.num_slots)
             selectors[name] = RowSelector(cfg.top_t, ranking, weights, seed_fn, group, cfg.count_positions,
                                           cfg.row_share_cap, layer.cfg.num_slots)
         for table in model.value_tables.values():
@@ -142,3 +128,23 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     finally:
         for m in adapters:
             m.unmerge()
+
+
+def ranking_weights(ranking: str, background: BackgroundStats | None, name: str, num_slots: int) -> torch.Tensor | None:
+    """The per-slot background weights ``ranking`` ranks table ``name`` with (idf for tfidf, log q for
+    kl, None otherwise), refusing statistics that are missing or were collected for another table size."""
+    if ranking == "tfidf":
+        if background is None or name not in background.df:
+            raise ConfigError(f"method.background: ranking 'tfidf' needs df statistics for table {name!r} "
+                              "(python -m smft_dist.background)")
+        df = background.df[name]
+        if df.numel() != num_slots or background.num_batches <= 0:
+            raise ConfigError(f"method.background: df statistics for table {name!r} cover {df.numel()} slots over "
+                              f"{background.num_batches} batches; the model has {num_slots} slots (collect them for this model)")
+        return idf(df, background.num_batches)
+    if ranking == "kl":
+        if background is None or name not in background.counts:
+            raise ConfigError(f"method.background: ranking 'kl' needs background access counts for table {name!r} "
+                              "(rerun python -m smft_dist.background)")
+        return background_log_q(background.counts[name])
+    return None
