@@ -37,6 +37,7 @@ from smft_dist.patching.ops import write_run_patch
 from smft_dist.provenance import log_hparams, write_provenance
 from smft_dist.smft.background import BackgroundStats
 from smft_dist.smft.methods import apply_method
+from smft_dist.smft.selection import step_seed
 from smft_dist.smft.utilization import MemoryUsage, SelectionLog
 
 
@@ -105,7 +106,7 @@ def train(cfg: JobConfig) -> dict[str, float]:
     if len(tokenizer) > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens")
     progress = {"step": 0}
-    plan = apply_method(model, cfg.method, background, seed_fn=lambda: cfg.train.seed * 1_000_003 + progress["step"])
+    plan = apply_method(model, cfg.method, background, seed_fn=lambda: step_seed(cfg.train.seed, progress["step"]))
     write_patch = cfg.train.write_patch and cfg.method.name in ("smft", "memory_ft")
     sources = value_table_sources(model, cfg) if write_patch or cfg.train.row_change else None  # the starting rows
     par = parallelize(model, cfg, plan, device)

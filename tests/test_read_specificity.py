@@ -24,7 +24,12 @@ def test_specificity_on_hand_made_selections():
                  "new_covered": pytest.approx(0.75)}
 
 
-def test_replayed_selections_equal_an_smft_runs_log(world, tmp_path, capsys):  # noqa: F811
+@pytest.mark.parametrize("selection", [
+    ["method.ranking=tf"],
+    # every option the trainer's selectors have: scored positions, a share cap across facts, the step's seed
+    ["method.ranking=random", "method.count_positions=scored", "method.row_share_cap=1"],
+], ids=["tf", "random_scored_cap"])
+def test_replayed_selections_equal_an_smft_runs_log(world, tmp_path, capsys, selection):  # noqa: F811
     from tests.multiproc import run_ranks
     from tests.test_train import _job, _train
 
@@ -33,8 +38,8 @@ def test_replayed_selections_equal_an_smft_runs_log(world, tmp_path, capsys):  #
     facts = f"{{path: {world}/facts_new.jsonl, schema: facts, max_examples: 3}}"
     tasks = (f"[{{name: new_facts, kind: qa, source: {facts}}}, "
              f"{{name: known_facts, kind: qa, source: {{path: {world}/facts_known.jsonl, schema: facts, max_examples: 4}}}}]")
-    smft = [f"train.init_from={pre}/hf", "train.stream=continual", "method.name=smft", "method.ranking=tf", "method.top_t=5",
-            f"data.continual.source={facts}", f"eval.tasks={tasks}"]
+    smft = [f"train.init_from={pre}/hf", "train.stream=continual", "method.name=smft", "method.top_t=5",
+            f"data.continual.source={facts}", f"eval.tasks={tasks}", *selection]
     run_ranks(_train, 1, _job(world, run, *smft, "train.steps=3", "train.log_selected_slots=true", "eval.max_new_tokens=2"))
     logged = read_selection_log(run / "selected_slots.jsonl")  # unshuffled: step i trained fact i - 1
 
@@ -44,9 +49,8 @@ def test_replayed_selections_equal_an_smft_runs_log(world, tmp_path, capsys):  #
     shared = sum(1 for s in set().union(*logged.values()) if sum(s in v for v in logged.values()) >= 2)
     assert report["rows_shared"] == shared and 0 <= report["known_exposed"] <= report["known_exposed_every_read"] <= 1
 
-    from smft_dist.analysis.read_specificity import fact_selections
+    from smft_dist.analysis.read_specificity import replay
     from smft_dist.config import load_config
-    from smft_dist.data.streams import build_stream
     from smft_dist.data.tokenizer import load_tokenizer
     from transformers import AutoModelForCausalLM
 
@@ -54,6 +58,7 @@ def test_replayed_selections_equal_an_smft_runs_log(world, tmp_path, capsys):  #
 
     cfg = load_config(run / "config.yaml")
     model = AutoModelForCausalLM.from_pretrained(f"{pre}/hf").eval().model
-    selections, _ = fact_selections(model, build_stream(cfg.data.continual, load_tokenizer(cfg.data.tokenizer)),
-                                    {"mem_values_1": (5, "tf", None)})
+    selections, _ = replay(cfg, model, load_tokenizer(cfg.data.tokenizer))
     assert selections == [logged[1], logged[2], logged[3]]
+    if "method.row_share_cap=1" in selection:
+        assert shared == 0  # a cap of 1: no row trains for two facts

@@ -4,10 +4,13 @@
 
 Takes the config's starting model (``train.init_from``), background statistics (``method.background``)
 and facts stream (``data.continual``: one fact per step). For each fact it replays the selection of
-its step: the memory reads of its batch at every real token, ranked by ``method.ranking`` against the
-background, top ``method.top_t`` per table. Under smft the keys, queries and every block below the
-memory are frozen, so each step of a run reads, and selects, exactly what this replay does (with
-``method.count_positions=all`` and no share cap). It then reports, without training:
+its step with the trainer's own row selectors (:func:`~smft_dist.smft.methods.apply_method`): the
+memory reads of its batch (every real token, or the scored positions under
+``method.count_positions=scored``), ranked by ``method.ranking`` against the background, top
+``method.top_t`` per table, rows that reached ``method.row_share_cap`` ranked out, ``random`` seeded as
+the trainer seeds step i. Under smft the keys, queries and every block below the memory are frozen,
+so a run over the same unshuffled facts reads, and selects, exactly what this one-pass replay does.
+It then reports, without training:
 
 - ``known_exposed``: per known fact (eval task ``--known-task``), the share of the slots read at the
   positions predicting its answer (``qa_prompt`` + answer) that some fact's selection trains; mean
@@ -32,28 +35,28 @@ from statistics import fmean
 import torch
 
 from smft_dist.analysis.overlap import Slot, answer_slots
+from smft_dist.smft.selection import RowSelector, step_seed
+from smft_dist.smft.slot_counts import count_scored
 
 
-def fact_selections(model, stream, selectors: dict) -> tuple[list[set[Slot]], set[Slot]]:
-    """Per batch of ``stream`` (in record order), the slots its top-t selects per table (over the
-    reads of every layer using that table, as the trainer's selector counts them); and every slot the
-    batches read. ``selectors``: table name -> (t, ranking, weights)."""
-    from smft_dist.smft.selection import select_top_t
-
+def fact_selections(model, stream, selectors: dict[str, RowSelector], step: list[int]) -> tuple[list[set[Slot]], set[Slot]]:
+    """Per batch of ``stream`` (in record order), the slots each table's selector (the trainer's,
+    stateful under a share cap) selects from the reads of every layer using that table; and every
+    slot the batches read. ``step`` [i]: set to the batch's 0-based index before its selection (the
+    selectors' seed function reads it)."""
     selections, read = [], set()
-    for batch in stream:
+    for i, batch in enumerate(stream):
         model(batch["input_ids"], batch["attention_mask"])
+        scored = count_scored(batch["labels"]).flatten()[:, None]
         reads: dict[str, list[torch.Tensor]] = {}
         for layer in model.memory_layers():
-            reads.setdefault(layer.table_name, []).append(layer.last_access.slots().flatten())
-        chosen: set[Slot] = set()
-        for name, parts in reads.items():
-            slots = torch.cat(parts)
-            ids, counts = slots[slots >= 0].unique(return_counts=True)
-            t, ranking, weights = selectors[name]
-            chosen |= {(name, int(s)) for s in select_top_t(ids, counts, t, ranking, weights).tolist()}
-            read |= {(name, int(s)) for s in ids.tolist()}
-        selections.append(chosen)
+            slots = layer.last_access.slots()
+            read |= {(layer.table_name, int(s)) for s in slots[slots >= 0].unique().tolist()}
+            if selectors[layer.table_name].count_positions == "scored":
+                slots = slots.masked_fill(~scored.expand_as(slots), -1)
+            reads.setdefault(layer.table_name, []).append(slots)
+        step[0] = i
+        selections.append({(name, int(s)) for name in sorted(reads) for s in selectors[name](reads[name]).tolist()})
     return selections, read
 
 
@@ -71,27 +74,37 @@ def specificity(selections: list[set[Slot]], read: set[Slot], known: list[set[Sl
     }
 
 
+def replay(cfg, model, tokenizer) -> tuple[list[set[Slot]], set[Slot]]:
+    """One unshuffled pass of ``cfg``'s facts stream through ``model`` (the starting model's
+    :class:`Transformer`) under ``cfg.method``'s selectors: :func:`fact_selections`."""
+    from smft_dist.data.streams import build_stream
+    from smft_dist.smft.background import BackgroundStats
+    from smft_dist.smft.methods import apply_method
+
+    if cfg.data.continual.source.schema != "facts":
+        raise SystemExit("smft_dist.analysis.read_specificity: data.continual must be a facts stream (one fact per step)")
+    if cfg.method.name != "smft":
+        raise SystemExit(f"smft_dist.analysis.read_specificity: method.name is {cfg.method.name!r}; the replay selects as smft "
+                         "does (every row read, memory_ft's rows, is reported as known_exposed_every_read)")
+    background = BackgroundStats.load(cfg.method.background) if cfg.method.ranking in ("tfidf", "kl") else None
+    step = [0]
+    selectors = apply_method(model, cfg.method, background, seed_fn=lambda: step_seed(cfg.train.seed, step[0])).selectors
+    stream = build_stream(replace(cfg.data.continual, shuffle=False), tokenizer, cache_dir=cfg.data.cache_dir)
+    with torch.no_grad():
+        return fact_selections(model, stream, selectors, step)
+
+
 def analyze(cfg, known_task: str, new_task: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     import smft_dist.model  # noqa: F401  (registers the Auto classes)
     from smft_dist.analysis.overlap import _task
     from smft_dist.data.sources import load_records
-    from smft_dist.data.streams import build_stream
     from smft_dist.data.tokenizer import load_tokenizer
-    from smft_dist.smft.background import BackgroundStats
-    from smft_dist.smft.methods import ranking_weights
 
-    if cfg.data.continual.source.schema != "facts":
-        raise SystemExit("smft_dist.analysis.read_specificity: data.continual must be a facts stream (one fact per step)")
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model = AutoModelForCausalLM.from_pretrained(cfg.train.init_from).eval().model
-    background = BackgroundStats.load(cfg.method.background) if cfg.method.ranking in ("tfidf", "kl") else None
-    selectors = {layer.table_name: (cfg.method.top_t, cfg.method.ranking,
-                                    ranking_weights(cfg.method.ranking, background, layer.table_name, layer.cfg.num_slots))
-                 for layer in model.memory_layers()}
-    # record order: batch i is fact i
-    stream = build_stream(replace(cfg.data.continual, shuffle=False), tokenizer, cache_dir=cfg.data.cache_dir)
+    selections, read = replay(cfg, model, tokenizer)
 
     def prompt_slots(task: str) -> list[set[Slot]]:
         records = load_records(_task(cfg, task).source, "qa", cfg.data.cache_dir)
@@ -99,12 +112,12 @@ def analyze(cfg, known_task: str, new_task: str) -> dict:
         return answer_slots(model, tokenizer, prompts, [a[0] for a in records["answers"]])
 
     with torch.no_grad():
-        selections, read = fact_selections(model, stream, selectors)
         known, new = prompt_slots(known_task), prompt_slots(new_task)
     if len(new) != len(selections):
         raise SystemExit(f"smft_dist.analysis.read_specificity: eval task {new_task!r} has {len(new)} facts, the stream "
                          f"{len(selections)}: they must be the same facts in the same order")
     return {"init_from": cfg.train.init_from, "top_t": cfg.method.top_t, "ranking": cfg.method.ranking,
+            "count_positions": cfg.method.count_positions, "row_share_cap": cfg.method.row_share_cap,
             **specificity(selections, read, known, new)}
 
 

@@ -56,6 +56,11 @@ def kl_scores(counts: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return p * (torch.log(p) - log_q)
 
 
+def step_seed(train_seed: int, step: int) -> int:
+    """The seed of the ``random`` ranking at 0-based optimizer step ``step`` of a run seeded ``train_seed``."""
+    return train_seed * 1_000_003 + step
+
+
 def select_top_t(
     slots: torch.Tensor,
     counts: torch.Tensor,
