@@ -214,7 +214,7 @@ def check_deepspeed(ctx: Ctx) -> str:
 def _parallel(ctx: Ctx, job: JobConfig):
     from smft_dist.distributed.parallelize import parallelize
     from smft_dist.model import Transformer
-    from smft_dist.smft.background import BackgroundStats
+    from smft_dist.smft.background_stats import BackgroundStats
     from smft_dist.smft.methods import apply_method
 
     torch.manual_seed(0)

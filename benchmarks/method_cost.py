@@ -59,7 +59,7 @@ def measure(config: str, overrides: list[str], warmup: int, steps: int) -> dict:
     from smft_dist.data import build_stream, load_tokenizer
     from smft_dist.distributed.env import init_distributed
     from smft_dist.distributed.parallelize import parallelize, train_step
-    from smft_dist.smft.background import BackgroundStats
+    from smft_dist.smft.background_stats import BackgroundStats
     from smft_dist.smft.methods import apply_method
     from smft_dist.train import build_model
 

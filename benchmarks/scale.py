@@ -68,7 +68,7 @@ def _job(args, n_log2: int, v_dim: int, method: str, init_from: str | None = Non
 
 
 def _background(num_slots: int):
-    from smft_dist.smft.background import BackgroundStats
+    from smft_dist.smft.background_stats import BackgroundStats
 
     stats = BackgroundStats.empty({TABLE: num_slots})
     g = torch.Generator().manual_seed(0)

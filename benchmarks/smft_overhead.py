@@ -16,7 +16,7 @@ from smft_dist.config import JobConfig, MemoryConfig, MethodConfig, ModelConfig
 from smft_dist.distributed.env import init_distributed
 from smft_dist.distributed.parallelize import parallelize, train_step
 from smft_dist.model import Transformer
-from smft_dist.smft.background import BackgroundStats
+from smft_dist.smft.background_stats import BackgroundStats
 from smft_dist.smft.methods import apply_method
 
 

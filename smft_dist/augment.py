@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from smft_dist.config import ConfigError, SourceConfig
-from smft_dist.data.augment import (AugmentConfig, HFRewriter, TemplateRewriter, augment, document_units, fact_units, make_documents, make_facts,
+from smft_dist.data.rewriters import (AugmentConfig, HFRewriter, TemplateRewriter, augment, document_units, fact_units, make_documents, make_facts,
                                     written_units)
 from smft_dist.data.schemas import DataError
 from smft_dist.data.sources import load_records

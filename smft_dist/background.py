@@ -17,7 +17,7 @@ from smft_dist.config import JobConfig, load_config
 from smft_dist.data import DataError, build_stream, load_tokenizer
 from smft_dist.distributed.env import init_distributed
 from smft_dist.distributed.parallelize import parallelize
-from smft_dist.smft.background import BackgroundStats
+from smft_dist.smft.background_stats import BackgroundStats
 from smft_dist.smft.methods import MethodPlan
 from smft_dist.smft.slot_counts import SlotCounter
 from smft_dist.train import USER_ERRORS, build_model

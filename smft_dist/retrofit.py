@@ -18,7 +18,7 @@ import torch
 from transformers import AutoTokenizer
 
 from smft_dist.config import ConfigError, MemoryConfig, apply_overrides, from_dict
-from smft_dist.model.retrofit import MEMORY_INITS, retrofit
+from smft_dist.model.hf_retrofit import MEMORY_INITS, retrofit
 
 
 def calibration_tokens(tokenizer, path: str, rows: int = 16, seq_len: int = 64) -> torch.Tensor:

@@ -35,7 +35,7 @@ from smft_dist.model.transformer import Transformer
 from smft_dist.patching import PatchError
 from smft_dist.patching.ops import write_run_patch
 from smft_dist.provenance import log_hparams, write_provenance
-from smft_dist.smft.background import BackgroundStats
+from smft_dist.smft.background_stats import BackgroundStats
 from smft_dist.smft.methods import apply_method
 from smft_dist.smft.selection import step_seed
 from smft_dist.smft.utilization import MemoryUsage, SelectionLog

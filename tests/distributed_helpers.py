@@ -10,7 +10,7 @@ import torch.distributed as dist
 from smft_dist.config import JobConfig, MemoryConfig, MethodConfig, ModelConfig
 from smft_dist.distributed.parallelize import Parallel, parallelize
 from smft_dist.model.transformer import Transformer, lm_loss
-from smft_dist.smft.background import BackgroundStats
+from smft_dist.smft.background_stats import BackgroundStats
 from smft_dist.smft.methods import apply_method
 from smft_dist.smft.selection import apply_sparse_updates
 

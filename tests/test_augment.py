@@ -14,7 +14,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from smft_dist.augment import main
 from smft_dist.config import SourceConfig, StreamConfig
 from smft_dist.data import build_stream, load_records, train_tokenizer
-from smft_dist.data.augment import (AugmentConfig, HFRewriter, TemplateRewriter, augment, chunk_document, fact_units, fill, keeps_fact,
+from smft_dist.data.rewriters import (AugmentConfig, HFRewriter, TemplateRewriter, augment, chunk_document, fact_units, fill, keeps_fact,
                                     make_facts, subject_of)
 from smft_dist.data.synthetic import TEMPLATES
 

@@ -172,7 +172,7 @@ def one_rank(world, tmp_path_factory):
     """Every CASE and RUN through main on one rank: name -> (out_dir, what main ended with)."""
     from smft_dist.config import load_config, to_dict
     from smft_dist.model.hf import SMFTConfig, SMFTForCausalLM
-    from smft_dist.smft.background import BackgroundStats
+    from smft_dist.smft.background_stats import BackgroundStats
 
     tmp = tmp_path_factory.mktemp("one_rank")
     (tmp / "empty.jsonl").write_text("")

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from smft_dist.config import ConfigError, EvalConfig, MemoryConfig, load_config
-from smft_dist.model.retrofit import _LAYER_MAP, model_config
+from smft_dist.model.hf_retrofit import _LAYER_MAP, model_config
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "runs" / "retrofit_example"

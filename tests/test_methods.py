@@ -5,7 +5,7 @@ import torch
 
 from smft_dist.config import MemoryConfig, MethodConfig, ModelConfig
 from smft_dist.model import Transformer, lm_loss
-from smft_dist.smft.background import BackgroundStats
+from smft_dist.smft.background_stats import BackgroundStats
 from smft_dist.smft.methods import MethodPlan, apply_method, merged_state_dict
 from smft_dist.smft.selection import apply_sparse_updates
 

@@ -12,7 +12,7 @@ from smft_dist.config import ConfigError, MemoryConfig, MethodConfig
 from smft_dist.model import SMFTForCausalLM, lm_loss, retrofit
 from smft_dist.model.transformer import Transformer
 from smft_dist.smft.methods import apply_method
-from smft_dist.model.retrofit import model_config
+from smft_dist.model.hf_retrofit import model_config
 
 MEMORY = dict(n_keys=8, topk=4, heads=2, k_dim=16)
 SHAPE = dict(vocab_size=80, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,

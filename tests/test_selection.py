@@ -7,7 +7,7 @@ import torch
 from smft_dist.config import MemoryConfig, ModelConfig
 from smft_dist.model import Transformer, lm_loss
 from smft_dist.model.memory import MemoryAccess
-from smft_dist.smft.background import BackgroundStats
+from smft_dist.smft.background_stats import BackgroundStats
 from smft_dist.smft.selection import RowSelector, apply_sparse_updates, background_log_q, idf, kl_scores, select_top_t
 from smft_dist.smft.slot_counts import SlotCounter, local_counts
 from tests.multiproc import run_ranks

@@ -13,7 +13,7 @@ from smft_dist.distributed.parallelize import parallelize, train_step
 from smft_dist.distributed.sharding import ShardedValueTable
 from smft_dist.model.transformer import Transformer, lm_loss
 from smft_dist.model.value_table import LocalValueTable
-from smft_dist.smft.background import BackgroundStats
+from smft_dist.smft.background_stats import BackgroundStats
 from smft_dist.smft.methods import apply_method
 from smft_dist.smft.selection import idf
 from tests.distributed_helpers import B, S, batch, dense_state, rank_slice

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from smft_dist.config import JobConfig, load_config
 from smft_dist.data.synthetic import WorldSize, generate
-from smft_dist.smft.background import BackgroundStats
+from smft_dist.smft.background_stats import BackgroundStats
 from tests.multiproc import run_ranks
 
 TABLE = "model.value_tables.mem_values_1.bag.weight"

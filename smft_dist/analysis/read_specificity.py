@@ -78,7 +78,7 @@ def replay(cfg, model, tokenizer) -> tuple[list[set[Slot]], set[Slot]]:
     """One unshuffled pass of ``cfg``'s facts stream through ``model`` (the starting model's
     :class:`Transformer`) under ``cfg.method``'s selectors: :func:`fact_selections`."""
     from smft_dist.data.streams import build_stream
-    from smft_dist.smft.background import BackgroundStats
+    from smft_dist.smft.background_stats import BackgroundStats
     from smft_dist.smft.methods import apply_method
 
     if cfg.data.continual.source.schema != "facts":

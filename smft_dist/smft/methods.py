@@ -11,7 +11,7 @@ full_ft          every parameter                             AdamW (value rows t
 lora             LoRA adapters on attention + SwiGLU FFNs    AdamW (peft)
 ===============  ==========================================  ========================================
 
-memory_pretrain is recovery training after a retrofit (:mod:`smft_dist.model.retrofit`): the
+memory_pretrain is recovery training after a retrofit (:mod:`smft_dist.model.hf_retrofit`): the
 memory learns while every other weight stays bit-identical.
 
 SGD for sparse methods follows the paper. smft / memory_ft update rows by a deferred row update
@@ -30,7 +30,7 @@ from torch import nn
 
 from smft_dist.config import ConfigError, MethodConfig
 from smft_dist.model.transformer import Attention, SwiGLU, Transformer
-from smft_dist.smft.background import BackgroundStats
+from smft_dist.smft.background_stats import BackgroundStats
 from smft_dist.smft.selection import RowSelector, background_log_q, idf
 
 
