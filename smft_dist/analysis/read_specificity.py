@@ -47,13 +47,13 @@ def fact_selections(model, stream, selectors: dict[str, RowSelector], step: list
     selections, read = [], set()
     for i, batch in enumerate(stream):
         model(batch["input_ids"], batch["attention_mask"])
-        scored = count_scored(batch["labels"]).flatten()[:, None]
+        scored = count_scored(batch["labels"]).flatten()[:, None]  # [T, 1]: under count_positions=scored
         reads: dict[str, list[torch.Tensor]] = {}
         for layer in model.memory_layers():
             slots = layer.last_access.slots()
             read |= {(layer.table_name, int(s)) for s in slots[slots >= 0].unique().tolist()}
             if selectors[layer.table_name].count_positions == "scored":
-                slots = slots.masked_fill(~scored.expand_as(slots), -1)
+                slots = slots.masked_fill(~scored, -1)
             reads.setdefault(layer.table_name, []).append(slots)
         step[0] = i
         selections.append({(name, int(s)) for name in sorted(reads) for s in selectors[name](reads[name]).tolist()})
