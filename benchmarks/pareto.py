@@ -38,6 +38,8 @@ Per run, beside F1 and NLL:
   value-row optimizer's state (exact_sgd: none; exact_rowwise_adagrad: one float per row; adamw and
   adam: two per element; partial_rowwise_adam: one per element and one per row).
 * seconds: the run's wall time (training and its final evaluation).
+* code: the git commit (and whether tracked files had uncommitted changes) the run recorded in its
+  ``run.json``; ``pareto.md`` says how many code versions its points come from.
 * how concentrated the change of the value rows is (``row_change.json`` of the run): the share of the
   squared update norm the largest 1% / 10% of the changed rows carry, the Gini coefficient of the
   changed rows' norms and, where the run logged its selections (``train.log_selected_slots``), the
@@ -268,6 +270,12 @@ def row_change(run_dir: Path) -> dict:
     return out
 
 
+def run_code(run_dir: Path) -> dict | None:
+    """The git commit and dirty flag a run recorded in ``run.json`` (None where it recorded none)."""
+    path = run_dir / "run.json"
+    return json.loads(path.read_text()).get("git") if path.is_file() else None
+
+
 def measure(run: Run, run_dir: Path, base: dict, base_model: Path, seconds: float, known_metric: str = "f1") -> dict:
     """The result record of a finished run; forgetting is the drop of ``known_facts/<known_metric>``."""
     after = last_eval(run_dir / "metrics.jsonl")
@@ -280,7 +288,7 @@ def measure(run: Run, run_dir: Path, base: dict, base_model: Path, seconds: floa
         "known_drop_pct": 100 * known_drop / max(base[known], 1e-9),
         "nll_delta": after["heldout/nll"] - base["heldout/nll"], "fuar": fuar(known_drop, new_gain),
         "rows_changed": rows_changed(base_model, run_dir / "hf"), "trainable_per_step": trainable_per_step(run_dir),
-        "optimizer_state_bytes": optimizer_state_bytes(run_dir), "seconds": seconds,
+        "optimizer_state_bytes": optimizer_state_bytes(run_dir), "seconds": seconds, "code": run_code(run_dir),
     }
 
 
@@ -569,11 +577,32 @@ def plot(points: list[Point], path: Path, known_metric: str = "f1") -> None:
     plt.close(fig)
 
 
+def code_versions(results: list[dict], runs_dir: Path | None = None) -> str:
+    """One line naming the code versions the results come from; a record without ``code`` (written
+    before pareto recorded it) is read from its run directory's ``run.json`` under ``runs_dir``."""
+    runs, dirty = defaultdict(int), defaultdict(int)  # commit -> runs, of which with uncommitted changes
+    for r in results:
+        code = r.get("code")
+        if code is None and runs_dir is not None:
+            code = run_code(runs_dir / Run(r["method"], r["params"], r["seed"]).name)
+        commit = (code or {}).get("commit")
+        commit = commit[:7] if commit else "unknown"
+        runs[commit] += 1
+        dirty[commit] += bool((code or {}).get("dirty"))
+    parts = [f"{c} ({n} run{'s' * (n != 1)}{f', {dirty[c]} with uncommitted changes' if dirty[c] else ''})"
+             for c, n in sorted(runs.items(), key=lambda kv: -kv[1])]
+    if len(runs) == 1 and "unknown" not in runs and not any(dirty.values()):
+        return f"Code: every run at commit {parts[0]}."
+    return (f"Code: the runs come from {len(runs)} code version{'s' * (len(runs) != 1)}: {', '.join(parts)}. Differences between "
+            "points are effects of their settings only where no change between these versions touched the numerics (check `git log`).")
+
+
 def report(results: list[dict], base: dict, out: Path, grid: Grid | None = None) -> None:
     """Write ``out/pareto.md`` and ``out/pareto.png``; ``grid`` names each point's pass budget."""
     points = summarize(results, (lambda m, params: budget_of(grid, m, params)) if grid else (lambda m, params: params.get(BUDGET)))
     known_metric = grid.known_metric if grid else "f1"
-    (out / "pareto.md").write_text(markdown(points, base, grid.levels if grid else DEFAULT_LEVELS, known_metric))
+    table = markdown(points, base, grid.levels if grid else DEFAULT_LEVELS, known_metric)
+    (out / "pareto.md").write_text(f"{code_versions(results, out / 'runs')}\n\n{table}")
     print((out / "pareto.md").read_text())
     plot(points, out / "pareto.png", known_metric)
     print(f"pareto: plot -> {out / 'pareto.png'}")

@@ -209,6 +209,7 @@ def test_real_runs_measure_rows_and_trainable_parameters(world, tmp_path):  # no
     assert lora["trainable_per_step"] == 2 * 4 * 2 * (32 + 32) + 3 * 2 * (32 + 96)
     assert lora["optimizer_state_bytes"] == 2 * 4 * lora["trainable_per_step"]  # AdamW: two fp32 moments per adapter weight
     assert set(smft) >= {"new_f1", "known_drop_pct", "nll_delta", "fuar"} and smft["params"] == {"method.top_t": 5}
+    assert smft["code"] == json.loads((out / "runs" / "smft_top_t5_s0" / "run.json").read_text())["git"] and smft["code"]["commit"]
     after = last_eval(out / "runs" / "smft_top_t5_s0" / "metrics.jsonl")  # forgetting measured on answer containment,
     assert smft["known_metric"] == "contains" and smft["known_drop_pct"] == pytest.approx(  # F1 kept as a probe
         100 * (base["known_facts/contains"] - after["known_facts/contains"]) / max(base["known_facts/contains"], 1e-9))
@@ -235,3 +236,21 @@ def test_probes_are_recorded_where_both_evaluations_have_them():
     with_probe = [{**_result("smft", {"lr": 1}, 0, 0.5, 10), "choice_acc_delta": -0.05}]
     table = markdown(summarize(with_probe), BASE)
     assert "choice acc Δ |" in table and "| -0.050 ± 0.000 |" in table and "arithmetic NLL Δ" not in table
+
+
+def test_table_names_the_code_versions_its_runs_come_from(tmp_path):
+    """From each record's ``code``, or (records written before it was kept) the run's run.json."""
+    from benchmarks.pareto import code_versions, report
+
+    clean, other = {"commit": "a" * 40, "dirty": False}, {"commit": "b" * 40, "dirty": True}
+    results = [{**_result("smft", {"lr": 1}, s, 0.5, 10), "code": clean} for s in (0, 1)]
+    assert code_versions(results) == "Code: every run at commit aaaaaaa (2 runs)."
+    old = _result("smft", {"lr": 1}, 2, 0.5, 10)  # no "code": read from its run directory
+    run_dir = tmp_path / "runs" / Run("smft", {"lr": 1}, 2).name
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"git": other, "world_size": 1}))
+    line = code_versions([*results, old, _result("lora", {"lr": 1}, 0, 0.5, 10)], tmp_path / "runs")
+    assert line.startswith("Code: the runs come from 3 code versions: aaaaaaa (2 runs), bbbbbbb (1 run, 1 with uncommitted changes), "
+                           "unknown (1 run).")
+    report([*results, old], BASE, tmp_path)
+    assert (tmp_path / "pareto.md").read_text().startswith("Code: the runs come from 2 code versions: aaaaaaa (2 runs), bbbbbbb (1 run, 1 with")
