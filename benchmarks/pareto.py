@@ -38,6 +38,8 @@ Per run, beside F1 and NLL:
   value-row optimizer's state (exact_sgd: none; exact_rowwise_adagrad: one float per row; adamw and
   adam: two per element; partial_rowwise_adam: one per element and one per row).
 * seconds: the run's wall time (training and its final evaluation).
+* known_lost: the indices of the known facts the run lost (right at the start, wrong after: from
+  both evaluations' ``answers/`` files), so runs can be compared fact by fact.
 * code: the git commit (and whether tracked files had uncommitted changes) the run recorded in its
   ``run.json``; ``pareto.md`` says how many code versions its points come from.
 * how concentrated the change of the value rows is (``row_change.json`` of the run): the share of the
@@ -66,6 +68,10 @@ from typing import Callable, NamedTuple
 
 import yaml
 
+from smft_dist.data.schemas import DataError
+from smft_dist.eval.answer_changes import METRICS as ANSWER_METRICS
+from smft_dist.eval.answer_changes import answers_file, load_answers
+from smft_dist.eval.answer_changes import changes as answer_changes
 from smft_dist.eval.report import last_eval
 
 DEFAULT_GRID = "benchmarks/grids/cpu_scale.yaml"
@@ -276,8 +282,21 @@ def run_code(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()).get("git") if path.is_file() else None
 
 
-def measure(run: Run, run_dir: Path, base: dict, base_model: Path, seconds: float, known_metric: str = "f1") -> dict:
-    """The result record of a finished run; forgetting is the drop of ``known_facts/<known_metric>``."""
+def known_lost(base_dir: Path, run_dir: Path, known_metric: str) -> list[int] | None:
+    """Indices of the known facts right at the start and wrong after the run (by ``known_metric``, or
+    containment where that is F1); None where either evaluation wrote no answers."""
+    metric = known_metric if known_metric in ANSWER_METRICS else "contains"
+    try:
+        files = [answers_file(d, "known_facts") for d in (base_dir, run_dir)]
+    except DataError:
+        return None
+    return answer_changes(*(load_answers(f) for f in files), metric)[0]
+
+
+def measure(run: Run, run_dir: Path, base: dict, base_model: Path, seconds: float, known_metric: str = "f1",
+            base_dir: Path | None = None) -> dict:
+    """The result record of a finished run; forgetting is the drop of ``known_facts/<known_metric>``
+    (``base_dir``: the starting model's evaluation, whose answers name the facts lost)."""
     after = last_eval(run_dir / "metrics.jsonl")
     known = f"known_facts/{known_metric}"
     known_drop = base[known] - after[known]
@@ -289,6 +308,7 @@ def measure(run: Run, run_dir: Path, base: dict, base_model: Path, seconds: floa
         "nll_delta": after["heldout/nll"] - base["heldout/nll"], "fuar": fuar(known_drop, new_gain),
         "rows_changed": rows_changed(base_model, run_dir / "hf"), "trainable_per_step": trainable_per_step(run_dir),
         "optimizer_state_bytes": optimizer_state_bytes(run_dir), "seconds": seconds, "code": run_code(run_dir),
+        "known_lost": known_lost(base_dir, run_dir, known_metric) if base_dir is not None else None,
     }
 
 
@@ -337,7 +357,7 @@ class Subprocesses:
                                   env=run_env(self.threads), stdout=f, stderr=subprocess.STDOUT)
         if proc.returncode:
             raise SystemExit(f"benchmarks.pareto: {run.name} failed (exit {proc.returncode}); see {log}")
-        record = measure(run, run_dir, self.base, self.base_model, time.perf_counter() - t0, self.grid.known_metric)
+        record = measure(run, run_dir, self.base, self.base_model, time.perf_counter() - t0, self.grid.known_metric, self.out / "base")
         shutil.rmtree(run_dir / "ckpt", ignore_errors=True)
         shutil.rmtree(run_dir / "hf", ignore_errors=True)
         return record

@@ -8,7 +8,8 @@ weights on every rank, each rank only its own rows of the value tables (row-shar
 training); under torchrun / SLURM the ranks split each task's examples and run equal-shaped batches
 in lockstep. Any other causal LM (``AutoModelForCausalLM``) loads whole on every rank, each rank
 evaluating a disjoint shard of each task. Rank 0 prints the results and, with ``--out``, logs them
-as a training run does (``DIR/metrics.jsonl``, ``DIR/tensorboard``).
+as a training run does (``DIR/metrics.jsonl``, ``DIR/tensorboard``, each qa / choice example's
+answer in ``DIR/answers/step<N>/<task>.jsonl``).
 """
 
 from __future__ import annotations
@@ -63,18 +64,19 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
     if not (Path(args.model) / "config.json").is_file():
         raise ConfigError(f"--model: {args.model} is not a save_pretrained directory (no config.json)")
     tokenizer = load_tokenizer(args.tokenizer or cfg.data.tokenizer or args.model)
+    answers = Path(args.out) / "answers" / f"step{args.step}" if args.out else None
     if json.loads((Path(args.model) / "config.json").read_text()).get("model_type") == SMFTConfig.model_type:
         _, device = init_distributed(cfg.distributed.backend)  # a group of one when not launched
         model = load_dense(args.model)  # the value tables stay unbound: parallelize reads each rank's rows
         cfg.model, cfg.train.init_from = model.cfg, args.model
         par = parallelize(model, cfg, MethodPlan("evaluate", [], False, {}), device)
-        results = evaluate_parallel(par, tokenizer, cfg)
+        results = evaluate_parallel(par, tokenizer, cfg, answers)
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))) > 1:
             _, device = init_distributed(cfg.distributed.backend)
         model = AutoModelForCausalLM.from_pretrained(args.model).to(device)
-        results = run_eval(model, tokenizer, cfg.eval, cache_dir=cfg.data.cache_dir)
+        results = run_eval(model, tokenizer, cfg.eval, cache_dir=cfg.data.cache_dir, answers_dir=answers)
     is_main = not dist.is_initialized() or dist.get_rank() == 0
     if args.out:
         logger = MetricLogger(args.out, is_main)

@@ -165,7 +165,7 @@ def train(cfg: JobConfig) -> dict[str, float]:
         if step == cfg.train.steps:  # the final eval and checkpoint follow the loop
             break
         if cfg.eval.tasks and cfg.eval.every and step % cfg.eval.every == 0:
-            logger.log(step, evaluate(par, tokenizer, cfg), prefix="eval")
+            logger.log(step, evaluate(par, tokenizer, cfg, answers_dir(cfg, step)), prefix="eval")
         if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
             checkpoint()
         if preemption.requested():  # a signal on any rank: all save this step and leave; a requeued job resumes
@@ -176,7 +176,7 @@ def train(cfg: JobConfig) -> dict[str, float]:
             logger.close()
             return metrics
     if cfg.eval.tasks:
-        final = evaluate(par, tokenizer, cfg)
+        final = evaluate(par, tokenizer, cfg, answers_dir(cfg, progress["step"]))
         logger.log(progress["step"], final, prefix="eval")
         metrics.update({f"eval/{k}": v for k, v in final.items()})
     if progress["step"] > saved:
@@ -193,11 +193,17 @@ def train(cfg: JobConfig) -> dict[str, float]:
     return metrics
 
 
-def evaluate(par: Parallel, tokenizer, cfg: JobConfig) -> dict[str, float]:
-    """The configured eval tasks on the model being trained, the examples split over the ranks.
-    Row-sharded lookups are collective, so then the ranks run equal-shaped batches in lockstep."""
+def answers_dir(cfg: JobConfig, step: int) -> Path:
+    """Where the evaluation at ``step`` writes each qa / choice example's answer."""
+    return Path(cfg.train.out_dir) / "answers" / f"step{step}"
+
+
+def evaluate(par: Parallel, tokenizer, cfg: JobConfig, answers: Path | None = None) -> dict[str, float]:
+    """The configured eval tasks on the model being trained, the examples split over the ranks
+    (their answers written under ``answers``). Row-sharded lookups are collective, so then the
+    ranks run equal-shaped batches in lockstep."""
     collective = dist.get_world_size() > 1 and any(t.placement == "row_wise" for t in par.tables.values())
-    return run_eval(par.model, tokenizer, cfg.eval, cache_dir=cfg.data.cache_dir, lockstep=collective)
+    return run_eval(par.model, tokenizer, cfg.eval, cache_dir=cfg.data.cache_dir, lockstep=collective, answers_dir=answers)
 
 
 # Bad input (config, data, checkpoint, launch environment): one line naming it, no traceback.

@@ -92,7 +92,8 @@ def _evaluate_memory_model(rank: int, world: int, tmp_path) -> tuple[dict[str, f
     SavedRows.rows = recording
     tasks = (f"eval.tasks=[{{name: facts, kind: qa, source: {{path: {tmp_path / 'qa.jsonl'}, schema: nq_open}}}},"
              f" {{name: held, kind: nll, seq_len: 8, source: {{path: {tmp_path / 'held.jsonl'}}}}}]")
-    args = evaluate.parse_args(["--model", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), tasks,
+    args = evaluate.parse_args(["--model", str(tmp_path / "model"), "--tokenizer", str(tmp_path / "tok"), "--step", "7",
+                                "--out", str(tmp_path / f"eval{world}"), tasks,
                                 "eval.batch_size=2", "eval.max_new_tokens=4", f"data.cache_dir={tmp_path / 'cache'}"])
     return evaluate.evaluate(args), read
 
@@ -123,6 +124,10 @@ def test_evaluate_memory_model_on_two_ranks_equals_one_each_reading_its_rows(tmp
     (read0, read1) = (read for _, read in two)
     assert sum(hi - lo for lo, hi in read0) == sum(hi - lo for lo, hi in read1) == 32, "each rank reads its half"
     assert max(hi for _, hi in read0) <= min(lo for lo, _ in read1)
+    # each question's answer, gathered from the rank that decoded it, as one process wrote it
+    answers = (tmp_path / "eval1" / "answers" / "step7" / "facts.jsonl").read_text()
+    assert [json.loads(x)["question"] for x in answers.splitlines()] == [q["question"] for q in questions]
+    assert (tmp_path / "eval2" / "answers" / "step7" / "facts.jsonl").read_text() == answers
 
 
 def test_report_over_one_run_shows_each_evaluation_and_nll_against_its_minimum(tmp_path, capsys):

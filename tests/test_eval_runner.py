@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import datasets
 import pytest
@@ -218,9 +219,15 @@ def test_run_eval_runs_every_task_and_restores_train_mode(tok_dir, tmp_path):
     )
     model = _answering_model(tok, "Rome")
     model.train()
-    results = run_eval(model, tok, cfg, cache_dir=str(tmp_path / "cache"))
+    results = run_eval(model, tok, cfg, cache_dir=str(tmp_path / "cache"), answers_dir=tmp_path / "answers")
     assert model.training  # restored
     assert results["nq/em"] == pytest.approx(2 / 3) and set(results) == {"nq/em", "nq/f1", "nq/contains", "nq/count", "held/nll", "held/ppl", "held/tokens"}
+    assert sorted(p.name for p in (tmp_path / "answers").iterdir()) == ["nq.jsonl"]  # qa and choice tasks only
+    answers = [json.loads(x) for x in (tmp_path / "answers" / "nq.jsonl").read_text().splitlines()]
+    assert [a["index"] for a in answers] == [0, 1, 2] and [a["question"] for a in answers] == [r["question"] for r in QA]
+    assert [a["prediction"] for a in answers] == ["Rome"] * 3 and [a["em"] for a in answers] == [1.0, 1.0, 0.0]
+    for metric in ("em", "f1", "contains"):  # the per-example scores are what the metrics average
+        assert sum(a[metric] for a in answers) / 3 == pytest.approx(results[f"nq/{metric}"])
 
 
 def _tiny_lm(vocab: int):
@@ -277,15 +284,23 @@ def _sharded_eval(rank: int, world: int, tok_dir: str) -> dict:
 
 
 def _tiny_lm_results(model, tok, lockstep: bool) -> dict:
+    """Metrics, plus every qa / choice example's answer as the ranks' gathered files hold them."""
+    import tempfile
+
     qa = datasets.Dataset.from_list(QA + QA[:2])  # 5 records: uneven shards
     choice = datasets.Dataset.from_list(CHOICES * 2 + CHOICES[:1])
     rows = tokenize_text(datasets.Dataset.from_dict({"text": TEXTS * 3}), tok, 8, packed=True)
+    answers = {"qa": [], "choice": []}
     results = {
-        "qa": evaluate_qa(model, tok, qa, prompt=PROMPT, batch_size=2, max_new_tokens=4, lockstep=lockstep),
-        "choice": evaluate_choice(model, tok, choice, batch_size=4, lockstep=lockstep),
+        "qa": evaluate_qa(model, tok, qa, prompt=PROMPT, batch_size=2, max_new_tokens=4, lockstep=lockstep, answers=answers["qa"]),
+        "choice": evaluate_choice(model, tok, choice, batch_size=4, lockstep=lockstep, answers=answers["choice"]),
         "nll": evaluate_nll(model, rows, batch_size=2, lockstep=lockstep),
     }
-    return {f"{task}/{k}": v for task, res in results.items() for k, v in res.items()}
+    with tempfile.TemporaryDirectory() as d:  # each rank its own directory: rank 0's holds every example
+        for task, examples in answers.items():
+            runner.write_answers(Path(d) / f"{task}.jsonl", examples)
+        files = {f.stem: f.read_text() for f in Path(d).iterdir()}
+    return {**{f"{task}/{k}": v for task, res in results.items() for k, v in res.items()}, "answers": files}
 
 
 @pytest.mark.multirank
@@ -295,7 +310,13 @@ def test_row_sharded_eval_splits_examples_in_lockstep(tok_dir):
     single = _tiny_lm_results(Transformer(_tiny_lm(320).model).eval(), load_tokenizer(tok_dir), lockstep=False)
     one, *_ = run_ranks(_sharded_eval, 1, tok_dir)
     two = run_ranks(_sharded_eval, 2, tok_dir)
+    answers = single.pop("answers")
+    assert sorted(answers) == ["choice", "qa"] and len(answers["qa"].splitlines()) == 5 and len(answers["choice"].splitlines()) == 5
+    assert [json.loads(x)["index"] for x in answers["qa"].splitlines()] == [0, 1, 2, 3, 4]
+    assert two[1]["results"].pop("answers") == {}, "only rank 0 writes the answers"
     for ranked in (one, *two):
+        if "answers" in ranked["results"]:  # the answers gathered over the ranks equal one process's, line for line
+            assert ranked["results"].pop("answers") == answers
         assert ranked["results"].keys() == single.keys()
         for k, v in single.items():
             assert ranked["results"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k

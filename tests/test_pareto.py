@@ -209,6 +209,10 @@ def test_real_runs_measure_rows_and_trainable_parameters(world, tmp_path):  # no
     assert lora["trainable_per_step"] == 2 * 4 * 2 * (32 + 32) + 3 * 2 * (32 + 96)
     assert lora["optimizer_state_bytes"] == 2 * 4 * lora["trainable_per_step"]  # AdamW: two fp32 moments per adapter weight
     assert set(smft) >= {"new_f1", "known_drop_pct", "nll_delta", "fuar"} and smft["params"] == {"method.top_t": 5}
+    base_answers = [json.loads(x) for x in (out / "base" / "answers" / "step0" / "known_facts.jsonl").read_text().splitlines()]
+    run_answers = [json.loads(x) for x in (out / "runs" / "smft_top_t5_s0" / "answers" / "step3" / "known_facts.jsonl").read_text().splitlines()]
+    assert smft["known_lost"] == [b["index"] for b, a in zip(base_answers, run_answers) if b["contains"] == 1 and a["contains"] < 1]
+    assert len(base_answers) == len(run_answers) == 4  # (the 2-step model knows none: fact by fact in the test below)
     assert smft["code"] == json.loads((out / "runs" / "smft_top_t5_s0" / "run.json").read_text())["git"] and smft["code"]["commit"]
     after = last_eval(out / "runs" / "smft_top_t5_s0" / "metrics.jsonl")  # forgetting measured on answer containment,
     assert smft["known_metric"] == "contains" and smft["known_drop_pct"] == pytest.approx(  # F1 kept as a probe
@@ -254,3 +258,21 @@ def test_table_names_the_code_versions_its_runs_come_from(tmp_path):
                            "unknown (1 run).")
     report([*results, old], BASE, tmp_path)
     assert (tmp_path / "pareto.md").read_text().startswith("Code: the runs come from 2 code versions: aaaaaaa (2 runs), bbbbbbb (1 run, 1 with")
+
+
+def test_known_lost_names_the_facts_fact_by_fact(tmp_path):
+    """From the base's and the run's answer files; F1 grids name the facts by containment."""
+    from benchmarks.pareto import known_lost
+
+    def write(d, contains, em):
+        rows = [{"index": i, "question": f"q{i}", "answers": ["a"], "prediction": "p", "em": e, "f1": e, "contains": c}
+                for i, (c, e) in enumerate(zip(contains, em))]
+        (d / "answers" / "step0").mkdir(parents=True)
+        (d / "answers" / "step0" / "known_facts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write(tmp_path / "base", [1, 1, 0, 1], [1, 0, 0, 1])
+    write(tmp_path / "run", [0, 1, 1, 1], [0, 0, 1, 0])
+    assert known_lost(tmp_path / "base", tmp_path / "run", "contains") == [0]
+    assert known_lost(tmp_path / "base", tmp_path / "run", "em") == [0, 3]
+    assert known_lost(tmp_path / "base", tmp_path / "run", "f1") == [0]
+    assert known_lost(tmp_path / "base", tmp_path / "nothing", "contains") is None  # a run from before answers were written

@@ -160,6 +160,9 @@ def test_smft_run_with_background_eval_and_export(world, tmp_path):
     assert same == {k: v for k, v in metrics[1].items() if k != "tokens_per_s"}
     assert {"eval/new/f1", "eval/heldout/nll", "rows_trained/mem_values_1", "slots_accessed/mem_values_1"} <= metrics[0].keys()
     assert metrics[0]["rows_trained/mem_values_1"] == 5
+    answers = [json.loads(x) for x in (smft / "answers" / "step3" / "new.jsonl").read_text().splitlines()]  # the final eval's
+    assert [a["index"] for a in answers] == [0, 1, 2, 3] and sorted((smft / "answers").iterdir()) == [smft / "answers" / "step3"]
+    assert sum(a["f1"] for a in answers) / 4 == pytest.approx(metrics[0]["eval/new/f1"])
     before, after = _exported(pre), _exported(smft)
     moved = (before[TABLE] != after[TABLE]).any(1)
     assert 0 < int(moved.sum()) <= 3 * 5, "at most top_t rows per step move"

@@ -9,11 +9,18 @@ are all-reduced, so every rank returns the same numbers, equal to a single-proce
 ``lockstep`` (a model whose forward is itself collective: row-sharded value tables) every rank also
 runs the same number of forwards with the same shapes: batches are padded to ``batch_size`` rows
 and to the widest rank's width with rows that read and score nothing.
+
+With ``answers_dir``, :func:`run_eval` also writes what the model answered, one line per example in
+the task's order (``<answers_dir>/<task>.jsonl``; qa: the greedy answer and its scores, choice: the
+picked ending), so which facts a run lost or learned can be read off, not only how many
+(``python -m smft_dist.eval.answer_changes``).
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Callable, Sequence
 
 import datasets
@@ -184,10 +191,11 @@ def greedy_generate(
 
 def evaluate_qa(
     model: Model, tokenizer: PreTrainedTokenizerBase, records: datasets.Dataset, *, prompt: str, batch_size: int,
-    max_new_tokens: int, lockstep: bool = False,
+    max_new_tokens: int, lockstep: bool = False, answers: list[dict] | None = None,
 ) -> dict[str, float]:
     """Exact match, token F1 (max over gold answers) and answer containment (a gold answer's words
-    inside the answer: format-free) of greedy answers to ``qa`` records."""
+    inside the answer: format-free) of greedy answers to ``qa`` records; ``answers`` collects this
+    rank's examples (index, question, gold answers, the answer, its scores)."""
     rank, world = _rank_world()
     part = records.select(range(rank, len(records), world))
     em = f1 = contains = 0.0
@@ -195,10 +203,11 @@ def evaluate_qa(
         chunk = part[start : start + batch_size]
         prompts = [prompt.format(question=q) for q in chunk["question"]]
         preds = greedy_generate(model, tokenizer, prompts, max_new_tokens, lockstep=lockstep, rows=batch_size)
-        for pred, answers in zip(preds, chunk["answers"]):
-            em += exact_match(pred, answers)
-            f1 += token_f1(pred, answers)
-            contains += contains_answer(pred, answers)
+        for i, (question, pred, golds) in enumerate(zip(chunk["question"], preds, chunk["answers"])):
+            scores = {"em": exact_match(pred, golds), "f1": token_f1(pred, golds), "contains": contains_answer(pred, golds)}
+            em, f1, contains = em + scores["em"], f1 + scores["f1"], contains + scores["contains"]
+            if answers is not None:
+                answers.append({"index": rank + (start + i) * world, "question": question, "answers": golds, "prediction": pred, **scores})
     em, f1, contains, n = all_reduce_sums([em, f1, contains, len(part)], _device(model))
     return {"em": em / max(n, 1), "f1": f1 / max(n, 1), "contains": contains / max(n, 1), "count": n}
 
@@ -206,10 +215,11 @@ def evaluate_qa(
 @torch.no_grad()
 def evaluate_choice(
     model: Model, tokenizer: PreTrainedTokenizerBase, records: datasets.Dataset, *, batch_size: int, norm: str = "chars",
-    lockstep: bool = False,
+    lockstep: bool = False, answers: list[dict] | None = None,
 ) -> dict[str, float]:
     """Accuracy of picking the ending with the highest log-likelihood given the context,
-    normalized by the ending's characters (``chars``, HellaSwag acc_norm), tokens, or ``none``."""
+    normalized by the ending's characters (``chars``, HellaSwag acc_norm), tokens, or ``none``;
+    ``answers`` collects this rank's examples (index, context, label, the picked ending)."""
     rank, world = _rank_world()
     part = records.select(range(rank, len(records), world))
     rows, owners, lengths = [], [], []
@@ -229,7 +239,11 @@ def evaluate_choice(
         logprob, _ = sequence_logprobs(model, batch)
         for i, lp in enumerate(logprob.tolist()[: len(chunk)], start):
             scores[owners[i]].append(lp / max(lengths[i], 1))
-    correct = sum(max(range(len(s)), key=s.__getitem__) == label for s, label in zip(scores, part["label"]))
+    picked = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    correct = sum(p == label for p, label in zip(picked, part["label"]))
+    if answers is not None:
+        answers.extend({"index": rank + j * world, "context": context, "label": label, "picked": p, "correct": p == label}
+                       for j, (context, label, p) in enumerate(zip(part["context"], part["label"], picked)))
     correct, n = all_reduce_sums([correct, len(part)], _device(model))
     return {"acc": correct / max(n, 1), "count": n}
 
@@ -258,19 +272,20 @@ def _materialize(ds) -> datasets.Dataset:
 
 def run_task(
     model: Model, tokenizer: PreTrainedTokenizerBase, task: EvalTaskConfig, cfg: EvalConfig, cache_dir: str | None = None,
-    lockstep: bool = False,
+    lockstep: bool = False, answers: list[dict] | None = None,
 ) -> dict[str, float]:
-    """One evaluation task; its metrics by name."""
+    """One evaluation task; its metrics by name. ``answers`` collects this rank's examples of a qa or
+    choice task."""
     src = task.source
     if src.streaming and src.max_examples is None:
         raise DataError(f"{src.path}: a streamed evaluation source needs max_examples")
     if task.kind == "qa":
         records = _materialize(load_records(src, "qa", cache_dir))
         return evaluate_qa(model, tokenizer, records, prompt=cfg.qa_prompt, batch_size=cfg.batch_size,
-                           max_new_tokens=cfg.max_new_tokens, lockstep=lockstep)
+                           max_new_tokens=cfg.max_new_tokens, lockstep=lockstep, answers=answers)
     if task.kind == "choice":
         return evaluate_choice(model, tokenizer, _materialize(load_records(src, "choice", cache_dir)), batch_size=cfg.batch_size,
-                               norm=cfg.choice_norm, lockstep=lockstep)
+                               norm=cfg.choice_norm, lockstep=lockstep, answers=answers)
     if src.schema in ("lm_pair", "gsm8k"):
         rows = tokenize_pairs(_materialize(load_records(src, "lm_pair", cache_dir)), tokenizer, task.seq_len)
     else:
@@ -278,16 +293,35 @@ def run_task(
     return evaluate_nll(model, rows, batch_size=cfg.batch_size, lockstep=lockstep)
 
 
+def write_answers(path: Path, answers: list[dict]) -> None:
+    """Gather every rank's examples and write them, in the task's order, as JSON lines (rank 0)."""
+    if _group_up() and dist.get_world_size() > 1:
+        parts: list[list[dict] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, answers)
+        answers = [a for part in parts for a in part]
+    if _rank_world()[0] == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(a) + "\n" for a in sorted(answers, key=lambda a: a["index"])))
+
+
 def run_eval(
-    model: Model, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig, cache_dir: str | None = None, lockstep: bool = False
+    model: Model, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig, cache_dir: str | None = None, lockstep: bool = False,
+    answers_dir: str | Path | None = None,
 ) -> dict[str, float]:
     """Every task of ``cfg``, results keyed ``task/metric``; the model is in eval mode meanwhile.
-    ``lockstep``: the model's forward is collective, so every rank runs equal-shaped batches."""
+    ``lockstep``: the model's forward is collective, so every rank runs equal-shaped batches.
+    ``answers_dir``: also write each qa and choice task's answers there (collective)."""
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
     try:
-        return {f"{task.name}/{k}": v for task in cfg.tasks for k, v in run_task(model, tokenizer, task, cfg, cache_dir, lockstep).items()}
+        results = {}
+        for task in cfg.tasks:
+            answers = [] if answers_dir is not None and task.kind in ("qa", "choice") else None
+            results.update({f"{task.name}/{k}": v for k, v in run_task(model, tokenizer, task, cfg, cache_dir, lockstep, answers).items()})
+            if answers is not None:
+                write_answers(Path(answers_dir) / f"{task.name}.jsonl", answers)
+        return results
     finally:
         if was_training:
             model.train()
