@@ -34,7 +34,8 @@ def package_versions() -> dict[str, str | None]:
 
 def git_state(path: str | Path | None = None) -> dict[str, str | bool | None]:
     """Commit and dirty flag of the checkout holding ``path`` (this package by default); None
-    outside a git checkout or without git."""
+    outside a git checkout or without git. Dirty: a tracked file other than documentation (``*.md``)
+    differs from the commit, so edits to the README while a sweep runs do not mark its runs."""
     cwd = Path(path) if path is not None else Path(__file__).resolve().parent
 
     def git(*args: str) -> str | None:
@@ -47,7 +48,7 @@ def git_state(path: str | Path | None = None) -> dict[str, str | bool | None]:
     commit = git("rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None}
-    return {"commit": commit.strip(), "dirty": bool((git("status", "--porcelain", "--untracked-files=no") or "").strip())}
+    return {"commit": commit.strip(), "dirty": bool((git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)*.md") or "").strip())}
 
 
 def write_provenance(cfg: JobConfig, out_dir: str | Path, world_size: int) -> None:

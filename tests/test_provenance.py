@@ -55,3 +55,23 @@ def test_flat_hparams_and_git_outside_a_checkout(tmp_path):
     flat = flat_hparams(load_config(None, ["model.memory.layers=[1, 2]", "model.n_layers=4"]))
     assert flat["model.memory.layers"] == "[1, 2]" and flat["model.memory.v_dim"] == "null" and flat["method.top_t"] == 500
     assert git_state(tmp_path) == {"commit": None, "dirty": None}
+
+
+def test_dirty_means_code_or_configs_changed_not_documentation(tmp_path):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    (tmp_path / "pkg").mkdir()
+    for name in ("pkg/x.py", "README.md", "conf.yaml"):
+        (tmp_path / name).write_text("a\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "start")
+    assert git_state(tmp_path / "pkg")["dirty"] is False
+    (tmp_path / "README.md").write_text("edited while a sweep runs\n")
+    (tmp_path / "notes.py").write_text("untracked\n")
+    assert git_state(tmp_path / "pkg")["dirty"] is False
+    (tmp_path / "conf.yaml").write_text("b\n")  # a config, outside the directory git is asked from
+    assert git_state(tmp_path / "pkg")["dirty"] is True
