@@ -5,8 +5,8 @@ greedy answer); a point's losses outside that set are what its updates did to ot
     python -m benchmarks.lost_facts --out runs/pareto_smollm2_centered [--fragile 0.5]
 
 Reads ``OUT/results.jsonl`` (each run's ``known_lost``, recorded by ``benchmarks.pareto`` where the
-starting model's and the run's evaluations wrote answers) and the starting model's answers
-(``OUT/base/answers/``); writes ``OUT/lost_facts.md``: per grid point the facts lost per run, those
+starting model's and the run's evaluations wrote answers; for a record without it, the run
+directory's answers under ``OUT/runs/``) and the starting model's answers (``OUT/base/answers/``); writes ``OUT/lost_facts.md``: per grid point the facts lost per run, those
 lost by every seed and the share of its losses that are fragile; how many runs lose each fact; the
 fragile facts themselves.
 """
@@ -18,7 +18,7 @@ import json
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from benchmarks.pareto import load_results, mean_std
+from benchmarks.pareto import Run, known_lost, load_results, mean_std
 from smft_dist.data.schemas import DataError
 from smft_dist.eval.answer_changes import answers_file, is_right, load_answers
 
@@ -62,6 +62,14 @@ def lost_facts_table(results: list[dict], base_answers: list[dict], fragile: flo
     return "\n".join(lines) + "\n"
 
 
+def with_known_lost(results: list[dict], out: Path) -> list[dict]:
+    """``results``, each lacking ``known_lost`` given it from its run directory's answers where they exist."""
+    return [r if r.get("known_lost") is not None else
+            {**r, "known_lost": known_lost(out / "base", out / "runs" / Run(r["method"], r["params"], r["seed"]).name,
+                                           r.get("known_metric", "f1"))}
+            for r in results]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="a benchmarks.pareto output directory")
@@ -69,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     out = Path(args.out)
     try:
-        text = lost_facts_table(load_results(out / "results.jsonl"), load_answers(answers_file(out / "base", "known_facts")), args.fragile)
+        text = lost_facts_table(with_known_lost(load_results(out / "results.jsonl"), out), load_answers(answers_file(out / "base", "known_facts")), args.fragile)
     except (DataError, FileNotFoundError, json.JSONDecodeError) as e:
         raise SystemExit(f"benchmarks.lost_facts: {e}") from None
     (out / "lost_facts.md").write_text(text)

@@ -34,11 +34,18 @@ def test_points_fragile_facts_and_histogram():
 
 
 def test_cli_writes_the_report_and_refuses_sweeps_without_answers(tmp_path, capsys):
-    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RESULTS))
     (tmp_path / "base" / "answers" / "step0").mkdir(parents=True)
     (tmp_path / "base" / "answers" / "step0" / "known_facts.jsonl").write_text("".join(json.dumps(b) + "\n" for b in _base()))
-    main(["--out", str(tmp_path)])
-    assert (tmp_path / "lost_facts.md").read_text() == capsys.readouterr().out
     (tmp_path / "results.jsonl").write_text(json.dumps(RESULTS[-1]) + "\n")
     with pytest.raises(SystemExit, match="benchmarks.lost_facts: no result recorded known_lost"):
         main(["--out", str(tmp_path)])
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in RESULTS))
+    main(["--out", str(tmp_path)])
+    assert (tmp_path / "lost_facts.md").read_text() == capsys.readouterr().out
+    assert "4 of 5 runs recorded" in (tmp_path / "lost_facts.md").read_text()
+    run_dir = tmp_path / "runs" / "lora_lr1_s0" / "answers" / "step9"  # the record without known_lost: from its answers
+    run_dir.mkdir(parents=True)
+    run_dir.joinpath("known_facts.jsonl").write_text("".join(json.dumps({**b, "contains": 0.0}) + "\n" for b in _base()))
+    main(["--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "5 of 5 runs recorded" in text and "| lora lr=1 | 1 | 4.0 ± 0.0 | 4 |" in text
