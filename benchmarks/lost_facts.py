@@ -6,9 +6,9 @@ greedy answer); a point's losses outside that set are what its updates did to ot
 
 Reads ``OUT/results.jsonl`` (each run's ``known_lost``, recorded by ``benchmarks.pareto`` where the
 starting model's and the run's evaluations wrote answers; for a record without it, the run
-directory's answers under ``OUT/runs/``) and the starting model's answers (``OUT/base/answers/``); writes ``OUT/lost_facts.md``: per grid point the facts lost per run, those
-lost by every seed and the share of its losses that are fragile; how many runs lose each fact; the
-fragile facts themselves.
+directory's answers under ``OUT/runs/``) and the starting model's answers (``OUT/base/answers/``);
+writes ``OUT/lost_facts.md``: per grid point the facts lost per run, those lost by every seed and
+the share of its losses that are fragile; how many runs lose each fact; the fragile facts themselves.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from benchmarks.pareto import Run, known_lost, load_results, mean_std
 from smft_dist.data.schemas import DataError
-from smft_dist.eval.answer_changes import answers_file, is_right, load_answers
+from smft_dist.eval.answer_changes import answer_metric, answers_file, is_right, load_answers
 
 
 def point_name(result: dict) -> str:
@@ -32,8 +32,7 @@ def lost_facts_table(results: list[dict], base_answers: list[dict], fragile: flo
     runs = [r for r in results if r.get("known_lost") is not None]
     if not runs:
         raise DataError("no result recorded known_lost (runs from before evaluations wrote answers, or no base answers)")
-    metric = runs[0].get("known_metric", "contains")
-    metric = metric if metric in ("contains", "em") else "contains"
+    metric = answer_metric(runs[0].get("known_metric", "f1"))
     known = [b for b in base_answers if is_right(b, metric)]
     times_lost = Counter(i for r in runs for i in r["known_lost"])
     brittle = {i for i, n in times_lost.items() if n >= fragile * len(runs)}
@@ -77,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     out = Path(args.out)
     try:
-        text = lost_facts_table(with_known_lost(load_results(out / "results.jsonl"), out), load_answers(answers_file(out / "base", "known_facts")), args.fragile)
+        results = with_known_lost(load_results(out / "results.jsonl"), out)
+        text = lost_facts_table(results, load_answers(answers_file(out / "base", "known_facts")), args.fragile)
     except (DataError, FileNotFoundError, json.JSONDecodeError) as e:
         raise SystemExit(f"benchmarks.lost_facts: {e}") from None
     (out / "lost_facts.md").write_text(text)

@@ -69,8 +69,7 @@ from typing import Callable, NamedTuple
 import yaml
 
 from smft_dist.data.schemas import DataError
-from smft_dist.eval.answer_changes import METRICS as ANSWER_METRICS
-from smft_dist.eval.answer_changes import answers_file, load_answers
+from smft_dist.eval.answer_changes import answer_metric, answers_file, load_answers
 from smft_dist.eval.answer_changes import changes as answer_changes
 from smft_dist.eval.report import last_eval
 
@@ -285,12 +284,11 @@ def run_code(run_dir: Path) -> dict | None:
 def known_lost(base_dir: Path, run_dir: Path, known_metric: str) -> list[int] | None:
     """Indices of the known facts right at the start and wrong after the run (by ``known_metric``, or
     containment where that is F1); None where either evaluation wrote no answers."""
-    metric = known_metric if known_metric in ANSWER_METRICS else "contains"
     try:
         files = [answers_file(d, "known_facts") for d in (base_dir, run_dir)]
     except DataError:
         return None
-    return answer_changes(*(load_answers(f) for f in files), metric)[0]
+    return answer_changes(*(load_answers(f) for f in files), answer_metric(known_metric))[0]
 
 
 def measure(run: Run, run_dir: Path, base: dict, base_model: Path, seconds: float, known_metric: str = "f1",

@@ -31,6 +31,12 @@ def answers_file(path: str | Path, task: str) -> Path:
     return steps[-1]
 
 
+def answer_metric(known_metric: str) -> str:
+    """The per-answer metric that decides right or wrong for a grid's ``known_metric`` (F1 is not
+    all-or-nothing: containment stands in for it)."""
+    return known_metric if known_metric in METRICS else "contains"
+
+
 def load_answers(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
