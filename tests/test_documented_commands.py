@@ -121,3 +121,16 @@ def test_documented_command_exists_with_its_flags(target, first, monkeypatch, ca
     text = help_text(target, sub, monkeypatch, capsys) if sub else top
     unknown = [f for f in sorted(COMMANDS[(target, first)]) if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", text)]
     assert not unknown, f"{target} {' '.join(sub)}: documented flags its parser does not accept: {unknown}"
+
+
+def test_readme_keeps_the_two_set_up_commands():
+    """The README's two commands that set up a fresh machine (the main job, the tests) stay in it, and
+    the scripts they name exist: a README rewrite once dropped them unnoticed."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Two commands", 1)
+    assert len(section) == 2, "README.md lost its '## Two commands' section"
+    block = section[1].split("```bash", 1)[1].split("```", 1)[0]
+    for script in ("launcher/quickstart.sh", "launcher/test.sh"):
+        assert f"bash {script}" in block, f"README's two commands no longer run {script}"
+        assert (ROOT / script).is_file()
+    assert "launcher/test.sh" in (ROOT / ".ci/run").read_text()
