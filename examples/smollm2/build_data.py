@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM
 
 from smft_dist.data import load_tokenizer
 from smft_dist.data.synthetic import SIZES, TEMPLATES, World
-from smft_dist.eval.metrics import contains_answer
+from smft_dist.eval.qa_metrics import contains_answer
 from smft_dist.eval.runner import greedy_generate
 
 CONTINENTS = {"AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America", "SA": "South America", "OC": "Oceania"}

@@ -159,7 +159,7 @@ def answer_slots(model, tokenizer, prompts: list[str], answers: list[str]) -> li
 
 def per_fact_scores(model, tokenizer, prompts: list[str], answers: list[list[str]], max_new_tokens: int) -> dict[str, list[float]]:
     """Per fact, the greedy answer's token F1 and answer containment (``f1``, ``contains``)."""
-    from smft_dist.eval.metrics import contains_answer, token_f1
+    from smft_dist.eval.qa_metrics import contains_answer, token_f1
     from smft_dist.eval.runner import greedy_generate
 
     preds: list[str] = []

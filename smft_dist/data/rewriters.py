@@ -28,7 +28,7 @@ from typing import Callable, Iterable, Iterator, Protocol
 import torch
 
 from smft_dist.data.schemas import DataError
-from smft_dist.eval.metrics import normalize_answer
+from smft_dist.eval.qa_metrics import normalize_answer
 
 STATEMENT_PROMPT = "Rewrite the question and its answer as one short factual statement.\nQuestion: {question}\nAnswer: {answer}"
 PARAPHRASE_PROMPT = "Paraphrase the following statement in different words, keeping every fact. Reply with the paraphrase only.\n{text}"

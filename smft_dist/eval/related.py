@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from smft_dist.eval.metrics import normalize_answer
+from smft_dist.eval.qa_metrics import normalize_answer
 
 SPLITS = ("same_answer", "other")
 

@@ -33,7 +33,7 @@ from smft_dist.config import EvalConfig, EvalTaskConfig
 from smft_dist.data.packing import IGNORE, collate, collate_rows, encode, pad_row, tokenize_pairs, tokenize_text
 from smft_dist.data.schemas import DataError
 from smft_dist.data.sources import load_records
-from smft_dist.eval.metrics import contains_answer, exact_match, token_f1
+from smft_dist.eval.qa_metrics import contains_answer, exact_match, token_f1
 from smft_dist.model.transformer import KVCache, Transformer
 
 Model = Callable[..., object]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from smft_dist.eval.metrics import contains_answer, exact_match, normalize_answer, token_f1
+from smft_dist.eval.qa_metrics import contains_answer, exact_match, normalize_answer, token_f1
 
 
 def test_normalization():
